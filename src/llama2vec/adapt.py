@@ -1,0 +1,71 @@
+"""`llama2vec adapt`: unsupervised Llama2Vec adaptation (EBAE + EBAR) of a causal LM."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .collate import PretextCollator, excluded_target_ids
+from .config import DataConfig, ModelConfig, PretextConfig, PromptConfig, TrainConfig, save_resolved, to_dict
+from .data import PairDataset, build_pair_cache, pair_cache_key
+from .errors import Llama2VecError
+from .losses import PretextModel, PretextWeights, unwrap_lm
+from .models import add_placeholder_tokens, apply_lora, load_causal_lm, save_model_folder
+from .prompts import prompt_ids, resolve_prompt
+from .train import make_accelerator, prepare_output, run_training
+
+log = logging.getLogger(__name__)
+
+ADAPT_CONFIGS = (ModelConfig, PromptConfig, PretextConfig, DataConfig, TrainConfig)
+
+
+def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: PretextConfig, data_cfg: DataConfig,
+          train_cfg: TrainConfig) -> dict:
+    """Adapt `model_cfg.model` on `data_cfg.corpus`; write the adapted model to `train_cfg.output`.
+
+    Returns a summary with the output folder, steps, seconds and the last logged losses.
+    """
+    if not data_cfg.corpus:
+        raise Llama2VecError("--corpus is required")
+    corpus = Path(data_cfg.corpus)
+    if not corpus.is_file():
+        raise Llama2VecError(f"{corpus}: corpus file not found")
+    out = prepare_output(train_cfg)
+    tokenizer, lm, device = load_causal_lm(model_cfg)
+    accelerator = make_accelerator(train_cfg, device, out)
+    spec = resolve_prompt(prompt_cfg, data_cfg.max_length)
+    placeholder_ids = add_placeholder_tokens(tokenizer, lm, spec.new_tokens())
+    ids = prompt_ids(spec, tokenizer)
+    save_resolved(out / "run_config.yaml", model_cfg, prompt_cfg, pretext_cfg, data_cfg, train_cfg,
+                  extra={"command": "adapt"})
+
+    chunk_tokens = data_cfg.chunk_tokens or data_cfg.max_length
+    key = pair_cache_key(corpus, tokenizer, chunk_tokens, data_cfg.min_chunk_tokens, data_cfg.max_documents)
+    with accelerator.main_process_first():
+        cache = build_pair_cache(corpus, tokenizer, out / "data" / key, chunk_tokens, data_cfg.min_chunk_tokens,
+                                 data_cfg.max_documents)
+    dataset = PairDataset(cache)
+    log.info("adaptation data: %s", dataset.meta)
+    collator = PretextCollator(ids, tokenizer.pad_token_id, excluded_target_ids(tokenizer, ids, pretext_cfg.stopwords),
+                               data_cfg.max_length, joint=pretext_cfg.joint, lm=pretext_cfg.lm_weight > 0)
+
+    torch.manual_seed(train_cfg.seed)
+    if train_cfg.gradient_checkpointing:
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if train_cfg.lora:
+        lm = apply_lora(lm, train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout, placeholder_ids)
+    module = PretextModel(lm, PretextWeights(pretext_cfg.ebae_weight, pretext_cfg.ebar_weight, pretext_cfg.lm_weight))
+    flat = {k: v for group in to_dict(model_cfg, pretext_cfg, data_cfg, train_cfg).values() for k, v in group.items()}
+    result = run_training(accelerator, module, dataset, collator, train_cfg, out, "adapt", flat)
+
+    if accelerator.is_main_process:
+        trained = result.pop("module").model
+        if train_cfg.gradient_checkpointing:
+            unwrap_lm(trained).activation_checkpointing_disable()
+        save_model_folder(trained, tokenizer, spec, out)
+    accelerator.wait_for_everyone()
+    result.pop("module", None)
+    result.update(output=str(out), pairs=len(dataset), data=dataset.meta)
+    return result

@@ -1,0 +1,217 @@
+"""Typed configuration: dataclasses grouped by concern, read from YAML and overridden by flags.
+
+Every field becomes a command-line flag (``learning_rate`` -> ``--learning-rate``) whose help is
+the field's ``help`` metadata. A YAML/JSON file given with ``--config`` supplies values first;
+flags given on the command line win. The resolved configuration is saved beside every output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import Llama2VecError
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field with a default and a help text for its flag."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration groups
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt("smollm2", "Hub id, local Hugging Face folder, or 'smollm2' (bundled default).")
+    dtype: str = opt("auto", "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16.")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
+    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa or eager.")
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+
+
+@dataclass
+class PromptConfig:
+    """How a text is wrapped so that the LLM writes its embedding at placeholder positions.
+
+    A text T becomes ``[BOS] prefix T self_suffix <self placeholders>`` (SELF prompt, used by
+    EBAE and for passages) or ``[BOS] prefix T next_suffix <next placeholders>`` (NEXT prompt, used
+    by EBAR and for queries). The embedding is pooled over the placeholder positions.
+    """
+
+    prompt_preset: str = opt("llara", "Prompt preset: llara (8 placeholders, mean) or paper (1, last).")
+    prefix: str | None = opt(None, "Text before T (preset default if unset).")
+    self_suffix: str | None = opt(None, "Text between T and the SELF placeholders.")
+    next_suffix: str | None = opt(None, "Text between T and the NEXT placeholders.")
+    num_placeholders: int | None = opt(None, "K: placeholders per task (llara preset only).")
+    pooling: str | None = opt(None, "Pooling of placeholder hidden states: mean or last.")
+
+    def __post_init__(self) -> None:
+        _check_choice("prompt_preset", self.prompt_preset, ("llara", "paper"))
+        if self.pooling is not None:
+            _check_choice("pooling", self.pooling, ("mean", "last"))
+        if self.num_placeholders is not None and self.num_placeholders < 1:
+            raise Llama2VecError("num_placeholders must be at least 1")
+
+
+@dataclass
+class PretextConfig:
+    ebae_weight: float = opt(1.0, "Weight of the EBAE loss (predict the text's own tokens).")
+    ebar_weight: float = opt(1.0, "Weight of the EBAR loss (predict the next passage's tokens).")
+    lm_weight: float = opt(0.0, "Weight of an extra next-token LM loss on T (released code: 1).")
+    stopwords: bool = opt(False, "Leave English stopwords and punctuation out of the targets.")
+    joint: bool = opt(True, "One joint pass for both tasks (else two separate passes).")
+
+
+@dataclass
+class DataConfig:
+    corpus: str | None = opt(None, "Corpus: JSONL {text[,title,id]}, .txt (blank-line blocks) or .parquet.")
+    max_length: int = opt(128, "Tokens of T kept per example (prompt excluded).")
+    chunk_tokens: int | None = opt(None, "Target tokens per chunk (default: max_length).")
+    min_chunk_tokens: int = opt(16, "Chunks shorter than this are dropped.")
+    max_documents: int | None = opt(None, "Read at most this many documents.")
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise Llama2VecError("max_length must be positive")
+
+
+@dataclass
+class TrainConfig:
+    output: str | None = opt(None, "Output folder for the model, checkpoints and logs.")
+    max_steps: int = opt(-1, "Optimizer steps to run (-1: use --epochs).")
+    epochs: float = opt(1.0, "Passes over the data when --max-steps is not set.")
+    batch_size: int = opt(8, "Examples per device per step.")
+    grad_accum: int = opt(1, "Gradient accumulation steps.")
+    learning_rate: float = opt(5e-5, "Peak learning rate.")
+    warmup_steps: int = opt(10, "Linear warm-up steps.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    seed: int = opt(42, "Random seed (model init of new tokens, data order, dropout).")
+    lora: bool = opt(False, "Train LoRA adapters (merged on save) instead of all weights.")
+    lora_r: int = opt(64, "LoRA rank.")
+    lora_alpha: int = opt(16, "LoRA alpha.")
+    lora_dropout: float = opt(0.1, "LoRA dropout.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    logging_steps: int = opt(10, "Log losses every N steps.")
+    save_steps: int = opt(50, "Write a checkpoint every N steps.")
+    save_total_limit: int = opt(2, "Checkpoints kept.")
+    overwrite: bool = opt(False, "Delete an existing output folder first.")
+    resume: bool = opt(False, "Continue from the last complete checkpoint in the output folder.")
+
+    def __post_init__(self) -> None:
+        if self.overwrite and self.resume:
+            raise Llama2VecError("--overwrite and --resume exclude each other")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise Llama2VecError("batch_size and grad_accum must be positive")
+
+
+# --------------------------------------------------------------------------------------------
+# Flags and YAML
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise Llama2VecError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _base_type(tp: Any) -> Any:
+    """int | None -> int; Literal handled as str."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if typing.get_origin(tp) is Literal:
+        return str
+    return tp
+
+
+def add_flags(parser: argparse.ArgumentParser, *classes: type, aliases: dict[str, list[str]] | None = None) -> None:
+    """Add one flag per dataclass field. Defaults are suppressed so that unset flags are absent."""
+    aliases = aliases or {}
+    for cls in classes:
+        group = parser.add_argument_group(cls.__name__.removesuffix("Config").lower())
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = _base_type(hints[f.name])
+            names = [f"--{f.name.replace('_', '-')}", *aliases.get(f.name, [])]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            if tp is bool:
+                group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            else:
+                group.add_argument(*names, dest=f.name, type=tp, default=argparse.SUPPRESS,
+                                   help=help_text, metavar=f.name.upper())
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML or JSON file of options; flags given here override it.")
+
+
+def load_config_file(path: Path | None) -> dict[str, Any]:
+    """Read a flat or grouped YAML/JSON mapping of option names to values."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Llama2VecError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise Llama2VecError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise Llama2VecError(f"{path}: the top level must be a mapping of option names to values")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):  # grouped: {train: {learning_rate: ...}}
+            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key.replace("-", "_")] = value
+    return flat
+
+
+def build_configs(args: argparse.Namespace, *classes: type) -> list[Any]:
+    """Instantiate each dataclass from (config file values, then flags)."""
+    values = load_config_file(getattr(args, "config", None))
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")})
+    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise Llama2VecError(f"unknown option(s) in the config file: {', '.join(unknown)}")
+    out = []
+    for cls in classes:
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            out.append(cls(**{k: v for k, v in values.items() if k in names}))
+        except TypeError as e:
+            raise Llama2VecError(f"bad option value: {e}") from None
+    return out
+
+
+def to_dict(*configs: Any) -> dict[str, dict[str, Any]]:
+    """Group name -> field values, for saving beside outputs."""
+    return {type(c).__name__.removesuffix("Config").lower(): dataclasses.asdict(c) for c in configs}
+
+
+def save_resolved(path: Path, *configs: Any, extra: dict[str, Any] | None = None) -> None:
+    data = to_dict(*configs)
+    if extra:
+        data.update(extra)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    if path.suffix == ".json":
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    else:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

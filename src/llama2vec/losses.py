@@ -1,0 +1,99 @@
+"""Losses: the bag-of-words pretext loss (EBAE / EBAR) and the module that runs the model for it.
+
+The maths are pure functions on tensors; `PretextModel` runs the stock Hugging Face decoder with
+the collator's mask and positions and takes LM-head logits only at the 2K placeholder positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def bow_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Bag-of-words loss per example.
+
+    logits (B, K, V) at the K placeholder positions; targets (B, T) unique target ids;
+    mask (B, T) marks real targets. z = max over the K positions (identity for K = 1);
+    loss = - mean over targets u of log_softmax(z)[u]. Returns (B,).
+    """
+    z = logits.float().max(dim=1).values  # (B, V)
+    logp = z.log_softmax(dim=-1)  # (B, V)
+    picked = logp.gather(1, targets)  # (B, T)
+    m = mask.to(picked.dtype)  # (B, T)
+    return -(picked * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # (B,)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L, L) bool -> (B, 1, L, L) additive float mask: 0 where allowed, dtype min elsewhere.
+    (A boolean 4-D mask is misread by some attention kernels; the float form is exact.)"""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, low)[:, None]  # (B, 1, L, L)
+
+
+def unwrap_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside a PEFT wrapper (LoRA layers stay injected)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_states(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states after the final norm, (B, L, H), without computing any logits."""
+    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
+    return out.last_hidden_state
+
+
+@dataclass
+class PretextWeights:
+    ebae: float = 1.0
+    ebar: float = 1.0
+    lm: float = 0.0
+
+
+class PretextModel(nn.Module):
+    """Wraps a causal LM (or its PEFT wrapper); forward(batch) -> dict of losses.
+
+    Returns loss (the weighted total), ebae, ebar and, when its weight is on, lm; each a scalar.
+    """
+
+    def __init__(self, model: nn.Module, weights: PretextWeights):
+        super().__init__()
+        self.model = model
+        self.weights = weights
+
+    def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        lm = unwrap_lm(self.model)
+        head = lm.get_output_embeddings()
+        dtype = head.weight.dtype
+        if "allowed" in batch:  # joint pass
+            states = decoder_states(lm, batch["input_ids"], batch["position_ids"],
+                                    additive_mask(batch["allowed"], dtype))  # (B, L, H)
+            self_states = states[:, batch["self_positions"]]  # (B, K, H)
+            next_states = states[:, batch["next_positions"]]  # (B, K, H)
+            text_states = states[:, : int(batch["text_length"])]  # (B, Lt, H)
+            text_ids = batch["input_ids"][:, : int(batch["text_length"])]
+        else:  # two separate passes
+            s = decoder_states(lm, batch["self_input_ids"], batch["self_position_ids"], batch["self_attention_mask"])
+            n = decoder_states(lm, batch["next_input_ids"], batch["next_position_ids"], batch["next_attention_mask"])
+            self_states, next_states = s[:, batch["self_positions"]], n[:, batch["next_positions"]]
+            width = batch["lm_labels"].shape[1] if "lm_labels" in batch else 0
+            text_states, text_ids = s[:, :width], batch["self_input_ids"][:, :width]
+        k = self_states.shape[1]
+        logits = head(torch.cat([self_states, next_states], dim=1))  # (B, 2K, V): the only logits
+        ebae = bow_loss(logits[:, :k], batch["ebae_targets"], batch["ebae_mask"]).mean()
+        ebar = bow_loss(logits[:, k:], batch["ebar_targets"], batch["ebar_mask"]).mean()
+        out = {"ebae": ebae, "ebar": ebar}
+        total = self.weights.ebae * ebae + self.weights.ebar * ebar
+        if self.weights.lm > 0:
+            labels = batch["lm_labels"]  # (B, Lt): T's ids, -100 elsewhere
+            assert labels.shape[1] == text_ids.shape[1]
+            lm_logits = head(text_states[:, :-1]).float()  # (B, Lt-1, V)
+            out["lm"] = F.cross_entropy(lm_logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+            total = total + self.weights.lm * out["lm"]
+        out["loss"] = total
+        return out

@@ -1,0 +1,224 @@
+"""The training loop shared by adaptation and fine-tuning, on top of accelerate.
+
+The same code runs on one CPU, one GPU, or under `torchrun` / `accelerate launch` (DDP, and
+DeepSpeed or FSDP through an accelerate config). It shows a progress bar, logs every loss part to
+TensorBoard and to `log.jsonl`, writes checkpoints atomically (a temporary folder renamed when
+complete) and resumes from the last complete one with the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from .config import TrainConfig
+from .errors import Llama2VecError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LOG_FILE = "log.jsonl"
+
+
+# --------------------------------------------------------------------------------------------
+# Output folder
+
+
+def prepare_output(cfg: TrainConfig) -> Path:
+    """Create the output folder, refusing to reuse a non-empty one without --overwrite/--resume."""
+    if not cfg.output:
+        raise Llama2VecError("--output is required")
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise Llama2VecError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if cfg.overwrite:
+            shutil.rmtree(out)
+        elif not cfg.resume:
+            raise Llama2VecError(f"{out}: output folder exists and is not empty: pass --overwrite to replace "
+                                 f"it or --resume to continue its run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise Llama2VecError(f"{out}: output folder is not writable: {e.strerror or e}") from None
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints (renamed from their temporary name), oldest first."""
+    folder = out / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
+    folder = out / CHECKPOINTS
+    tmp = folder / f"tmp-checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    if accelerator.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        final = folder / f"checkpoint-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in complete_checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------
+# Data order
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh seeded permutation per epoch: the data order depends only on (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def make_accelerator(cfg: TrainConfig, device: torch.device, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        cpu=device.type == "cpu",
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cfg: TrainConfig, out: Path,
+                 run_name: str, hparams: dict | None = None, shuffle: bool = True) -> dict:
+    """Train `module` (forward(**batch) -> {'loss': ..., other named parts}) on `dataset`.
+
+    Returns a summary: steps run, resumed-from step, seconds, last logged losses.
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    set_seed(cfg.seed)
+    sampler = EpochSampler(len(dataset), cfg.seed, shuffle)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise Llama2VecError("no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total), total)
+    accelerator.register_for_checkpointing(scheduler)
+
+    step = 0
+    checkpoints = complete_checkpoints(out) if cfg.resume else []
+    if checkpoints:
+        accelerator.load_state(str(checkpoints[-1]))
+        step = json.loads((checkpoints[-1] / "state.json").read_text())["step"]
+        log.info("resuming from %s (step %d of %d)", checkpoints[-1], step, total)
+    resumed_from = step
+    log_path = out / LOG_FILE
+    if accelerator.is_main_process:
+        _truncate_log(log_path, step)
+    accelerator.init_trackers(run_name, config={k: v for k, v in (hparams or {}).items()
+                                                if isinstance(v, (int, float, str, bool))})
+
+    module.train()
+    bar = tqdm(total=total, initial=step, desc=run_name, unit="step", disable=not accelerator.is_main_process)
+    sums: dict[str, float] = {}
+    micro, tokens, t0, t_log = 0, 0, time.time(), time.time()
+    last: dict[str, float] = {}
+    while step < total:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, done_in_epoch * cfg.grad_accum) if done_in_epoch else loader
+        for batch in batches:
+            with accelerator.accumulate(module):
+                parts = module(**batch)
+                accelerator.backward(parts["loss"])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            micro += 1
+            tokens += int(batch["n_tokens"]) if "n_tokens" in batch else 0
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            if step % cfg.logging_steps == 0 or step == total:
+                last = {k: v / micro for k, v in sums.items()}
+                elapsed = time.time() - t_log
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                          "lr": scheduler.get_last_lr()[0], **last,
+                          "tokens_per_s": tokens * accelerator.num_processes / elapsed if elapsed > 0 else 0.0}
+                accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+                if accelerator.is_main_process:
+                    with log_path.open("a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
+                sums, micro, tokens, t_log = {}, 0, 0, time.time()
+            if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or step == total:
+                save_checkpoint(accelerator, out, step, cfg.save_total_limit)
+            if step >= total:
+                break
+    bar.close()
+    accelerator.end_training()
+    return {"steps": step, "resumed_from": resumed_from, "seconds": time.time() - t0, "last": last,
+            "module": accelerator.unwrap_model(module)}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past the step a resumed run restarts from."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def read_log(out: str | Path) -> list[dict]:
+    path = Path(out) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []

@@ -1,0 +1,79 @@
+"""Tiny random models and an in-memory tokenizer, built in seconds on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+torch.set_flush_denormal(True)
+
+SENTENCES = [
+    "The cat sat on the mat. It was a sunny day!",
+    "Dense retrieval maps queries and passages to vectors.",
+    "A decoder only model predicts the next token from the previous ones.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "Stock markets fell sharply on Monday as investors worried about rates.",
+    "The team won the final match after a late goal in extra time.",
+    "Summarize the above passage within eight words, predict the following passage.",
+    "Music, films and books: the entertainment industry grew last year.",
+]
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained in memory, with BOS/EOS/PAD/UNK."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(SENTENCES * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def make_model(vocab_size: int, arch: str = "llama", attn: str = "sdpa", seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True)
+    if arch == "gpt2":
+        common = dict(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512)
+    elif arch == "gpt_neox":
+        common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512)
+    config = AutoConfig.for_model(arch, **common)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory):
+    """A local Hugging Face folder holding a tiny random Llama and its tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    """A JSONL corpus of documents long enough for several chunks each."""
+    path = tmp_path / "corpus.jsonl"
+    with path.open("w") as fh:
+        for d in range(4):
+            text = " ".join(SENTENCES[(d + i) % len(SENTENCES)] for i in range(8))
+            fh.write(json.dumps({"id": f"d{d}", "title": f"Doc {d}", "text": text}) + "\n")
+    return path
