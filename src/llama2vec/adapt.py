@@ -25,7 +25,8 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
           train_cfg: TrainConfig) -> dict:
     """Adapt `model_cfg.model` on `data_cfg.corpus`; write the adapted model to `train_cfg.output`.
 
-    Returns a summary with the output folder, steps, seconds and the last logged losses.
+    Returns a summary: output folder, steps, seconds, last logged losses and (on the main
+    process) the trained model as saved.
     """
     if not data_cfg.corpus:
         raise Llama2VecError("--corpus is required")
@@ -60,12 +61,12 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
     flat = {k: v for group in to_dict(model_cfg, pretext_cfg, data_cfg, train_cfg).values() for k, v in group.items()}
     result = run_training(accelerator, module, dataset, collator, train_cfg, out, "adapt", flat)
 
+    trained = result.pop("module").model
     if accelerator.is_main_process:
-        trained = result.pop("module").model
         if train_cfg.gradient_checkpointing:
             unwrap_lm(trained).activation_checkpointing_disable()
-        save_model_folder(trained, tokenizer, spec, out)
+        result["model"] = save_model_folder(trained, tokenizer, spec, out).eval()
     accelerator.wait_for_everyone()
-    result.pop("module", None)
+    accelerator.end_training()
     result.update(output=str(out), pairs=len(dataset), data=dataset.meta)
     return result

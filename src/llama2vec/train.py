@@ -190,7 +190,9 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
             step += 1
             bar.update(1)
             if step % cfg.logging_steps == 0 or step == total:
-                last = {k: v / micro for k, v in sums.items()}
+                names = sorted(sums)
+                means = torch.tensor([sums[k] / micro for k in names], device=accelerator.device)
+                last = dict(zip(names, accelerator.reduce(means, reduction="mean").tolist()))  # over processes
                 elapsed = time.time() - t_log
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                           "lr": scheduler.get_last_lr()[0], **last,
@@ -206,7 +208,8 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
             if step >= total:
                 break
     bar.close()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # the process group stays up for the caller's final save
+        tracker.finish()
     return {"steps": step, "resumed_from": resumed_from, "seconds": time.time() - t0, "last": last,
             "module": accelerator.unwrap_model(module)}
 

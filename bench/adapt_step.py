@@ -1,0 +1,137 @@
+"""Adaptation step of the bundled SmolLM2: throughput, MFU, and the joint pass against two passes.
+
+Both variants run side by side in one process, alternating, on the same real Wikipedia passages;
+each figure is the median of the repeats. Results are printed and appended to BENCHMARKS.md.
+
+    python bench/adapt_step.py --lengths 128 512 --batch-size 8 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from llama2vec.collate import PretextCollator, excluded_target_ids
+from llama2vec.config import ModelConfig, PromptConfig
+from llama2vec.data import chunk_ids, wiki_documents
+from llama2vec.losses import PretextModel, PretextWeights
+from llama2vec.models import add_placeholder_tokens, load_causal_lm
+from llama2vec.prompts import prompt_ids, resolve_prompt
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Float32 matrix-product GFLOP/s through torch, median of repeats."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def passages(tok, length: int, count: int) -> list[list[int]]:
+    """`count` real Wikipedia windows of exactly `length` tokens."""
+    out = []
+    for doc in wiki_documents():
+        for chunk in chunk_ids(doc.text, tok, 10 * length):
+            ids = chunk
+            while len(ids) >= length and len(out) < count + 1:
+                out.append(ids[:length])
+                ids = ids[length:]
+        if len(out) > count:
+            break
+    return out
+
+
+def step_flops(model, batch_tokens: int, seq_len: int, passes: int) -> float:
+    """Training FLOPs of one step: 6 per non-embedding parameter per token, plus attention
+    (QK^T and AV: 2 * 2 * L * d per token per layer forward, x3 with backward)."""
+    cfg = model.config
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+    attn = 3 * 4 * seq_len * cfg.hidden_size * cfg.num_hidden_layers
+    return passes * batch_tokens * (6 * n + attn)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default="BENCHMARKS.md")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    tok, model, _ = load_causal_lm(ModelConfig(device="cpu"))
+    spec = resolve_prompt(PromptConfig())
+    add_placeholder_tokens(tok, model, spec.new_tokens())
+    ids = prompt_ids(spec, tok)
+    excluded = excluded_target_ids(tok, ids)
+    model.train()
+    module = PretextModel(model, PretextWeights())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    peak = matmul_peak()
+    suffix = len(ids.bos + ids.prefix) + len(ids.self_suffix)
+
+    rows = []
+    for length in args.lengths:
+        texts = passages(tok, length, args.batch_size + 1)
+        examples = [{"text": texts[i], "next": texts[i + 1]} for i in range(args.batch_size)]
+        batches = {joint: PretextCollator(ids, tok.pad_token_id, excluded, length, joint=joint)(examples)
+                   for joint in (True, False)}
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(args.repeats + 1):  # the first round warms up
+            for joint in (True, False):
+                t = time.perf_counter()
+                out = module(**batches[joint])
+                out["loss"].backward()
+                opt.step()
+                opt.zero_grad()
+                if r:
+                    times[joint].append(time.perf_counter() - t)
+        tokens = args.batch_size * length
+        for joint in (True, False):
+            median = statistics.median(times[joint])
+            # Useful work: one pass over T plus both suffixes (joint) or T twice (two passes).
+            flops = step_flops(model, args.batch_size * (length + suffix), length + suffix, 1 if joint else 2)
+            rows.append({"length": length, "mode": "joint" if joint else "two passes", "step_s": median,
+                         "tokens_s": tokens / median, "mfu": flops / median / (peak * 1e9)})
+        rows[-2]["speedup"] = rows[-1]["step_s"] / rows[-2]["step_s"]
+
+    header = ("| passage tokens | mode | step (s) | passage tokens/s | MFU | joint speed-up |\n"
+              "|---|---|---|---|---|---|\n")
+    table = header + "".join(
+        f"| {r['length']} | {r['mode']} | {r['step_s']:.2f} | {r['tokens_s']:.0f} | {r['mfu']:.2f} | "
+        f"{r.get('speedup', float('nan')):.2f}x |\n".replace("nanx", "") for r in rows)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    report = (f"\n## Adaptation step (SmolLM2-135M, batch {args.batch_size}, float32)\n\n"
+              f"{stamp}; `python bench/adapt_step.py --lengths {' '.join(map(str, args.lengths))} "
+              f"--batch-size {args.batch_size} --repeats {args.repeats}`; "
+              f"{machine()}; measured float32 matmul peak {peak:.0f} GFLOP/s. Median of {args.repeats} steps "
+              f"(forward, backward, AdamW) per mode, modes alternating.\n\n{table}")
+    print(report)
+    with open(args.output, "a") as fh:
+        fh.write(report)
+
+
+if __name__ == "__main__":
+    main()

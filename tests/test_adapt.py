@@ -1,0 +1,176 @@
+"""`adapt` end to end on a tiny random Llama: training, files, LoRA, resume, config files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from conftest import make_model, make_tokenizer
+from safetensors.torch import load_file
+
+import llama2vec.adapt as adapt_mod
+import llama2vec.train as train_mod
+from llama2vec.adapt import ADAPT_CONFIGS, adapt
+from llama2vec.cli import build_parser
+from llama2vec.collate import PretextCollator, excluded_target_ids
+from llama2vec.config import PromptConfig, build_configs
+from llama2vec.losses import PretextModel, PretextWeights
+from llama2vec.models import add_placeholder_tokens
+from llama2vec.prompts import prompt_ids, resolve_prompt
+
+
+def run(model_dir, corpus, out, *flags: str) -> dict:
+    argv = ["adapt", "--model", str(model_dir), "--corpus", str(corpus), "--output", str(out), "--batch-size", "2",
+            "--max-length", "24", "--learning-rate", "1e-3", "--warmup-steps", "1", "--logging-steps", "1", *flags]
+    args = build_parser().parse_args(argv)
+    return adapt(*build_configs(args, *ADAPT_CONFIGS))
+
+
+def test_loss_is_finite_and_falls_on_a_repeated_batch():
+    tok = make_tokenizer()
+    model = make_model(len(tok)).train()
+    spec = resolve_prompt(PromptConfig())
+    add_placeholder_tokens(tok, model, spec.new_tokens())
+    ids = prompt_ids(spec, tok)
+    texts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("the cat sat on the mat", "stock markets fell")]
+    batch = PretextCollator(ids, tok.pad_token_id, excluded_target_ids(tok, ids), 32)(
+        [{"text": texts[0], "next": texts[1]}, {"text": texts[1], "next": texts[0]}])
+    module = PretextModel(model, PretextWeights())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        out = module(**batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out["loss"].item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_adapt_full_writes_a_model_that_reloads_identically(tiny_model_dir, tiny_corpus, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "adapted"
+    before = load_file(tiny_model_dir / "model.safetensors")
+    result = run(tiny_model_dir, tiny_corpus, out, "--max-steps", "4", "--save-steps", "2", "--full")
+    assert result["steps"] == 4 and result["pairs"] > 4
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "llama2vec_config.json", "run_config.yaml",
+                 "log.jsonl", "checkpoints/checkpoint-4/state.json"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs missing"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["ebae"]) and math.isfinite(r["ebar"]) for r in records)
+
+    after = load_file(out / "model.safetensors")
+    changed = [n for n in before if not torch.equal(before[n], after[n][: before[n].shape[0]])]
+    assert sorted(changed) == sorted(before)  # full fine-tuning: every weight trained
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.convert_tokens_to_ids("<s16>") == len(tok) - 1
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([tok("the cat sat <s1><s2>")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result["model"](ids).logits, atol=1e-5, rtol=0)
+    saved = json.loads((out / "llama2vec_config.json").read_text())
+    assert saved["self_tokens"][0] == "<s1>" and saved["pooling"] == "mean" and saved["max_length"] == 24
+
+
+def test_adapt_lora_trains_adapters_and_placeholders_only(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    seen = {}
+    real_save = adapt_mod.save_model_folder
+
+    def capture(model, *args):
+        seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
+        seen["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return real_save(model, *args)
+
+    monkeypatch.setattr(adapt_mod, "save_model_folder", capture)
+    run(tiny_model_dir, tiny_corpus, tmp_path / "lora", "--max-steps", "3", "--lora", "--lora-r", "4")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    trainable, params = seen["trainable"], seen["params"]
+    assert any("lora_A" in n for n in trainable) and any("lora_B" in n for n in trainable)
+    assert any("token_adapter" in n for n in trainable)  # the placeholder rows
+    frozen = [n for n in params if n not in trainable]
+    assert frozen
+    compared = 0
+    for name in frozen:
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if key in base and base[key].shape == params[name].shape:
+            assert torch.equal(params[name], base[key]), f"frozen {name} changed"
+            compared += 1
+    assert compared >= 14  # every projection of both layers and the norms
+    assert all(params[n].abs().sum() > 0 for n in trainable if "lora_B" in n)  # lora_B starts at zero
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    flags = ("--max-steps", "6", "--save-steps", "2", "--full")
+    whole = run(tiny_model_dir, tiny_corpus, tmp_path / "whole", *flags)
+
+    real_save = train_mod.save_checkpoint
+
+    def killed_after_step_4(accelerator, out, step, keep):
+        real_save(accelerator, out, step, keep)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", killed_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, tiny_corpus, tmp_path / "cut", *flags)
+    assert not (tmp_path / "cut" / "llama2vec_config.json").exists()
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+
+    resumed = run(tiny_model_dir, tiny_corpus, tmp_path / "cut", *flags, "--resume")
+    assert resumed["resumed_from"] == 4 and resumed["steps"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    assert whole["last"]["loss"] == pytest.approx(resumed["last"]["loss"], abs=1e-5)
+
+
+def test_config_file_values_and_flag_overrides(tiny_model_dir, tiny_corpus, tmp_path):
+    cfg = tmp_path / "adapt.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"learning_rate": 0.002, "batch_size": 3}, "ebar_weight": 0.25,
+                                   "prompt_preset": "paper"}))
+    out = tmp_path / "out"
+    run(tiny_model_dir, tiny_corpus, out, "--config", str(cfg), "--max-steps", "1", "--learning-rate", "0.003")
+    resolved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert resolved["train"]["learning_rate"] == 0.003  # the flag wins
+    assert resolved["train"]["batch_size"] == 2  # set by run()'s flags
+    assert resolved["pretext"]["ebar_weight"] == 0.25 and resolved["prompt"]["prompt_preset"] == "paper"
+    assert json.loads((out / "llama2vec_config.json").read_text())["pooling"] == "last"
+
+
+def test_adapt_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["adapt", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--max-steps", "--epochs", "--batch-size", "--learning-rate", "--seed", "--lora", "--full",
+                 "--overwrite", "--resume", "--config", "--ebae-weight", "--ebar-weight", "--lm-weight",
+                 "--stopwords", "--gradient-checkpointing", "--prompt-preset", "--num-placeholders", "--pooling"):
+        assert flag in text, flag
+
+
+def test_adapt_runs_unchanged_under_torchrun(tiny_model_dir, tiny_corpus, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "llama2vec", "adapt",
+           "--model", str(tiny_model_dir), "--corpus", str(tiny_corpus), "--output", str(out), "--device", "cpu",
+           "--max-steps", "3", "--batch-size", "2", "--max-length", "24", "--logging-steps", "1", "--save-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"steps": 3') == 1  # only rank 0 reports
+    assert (out / "llama2vec_config.json").is_file() and (out / "checkpoints" / "checkpoint-3").is_dir()
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

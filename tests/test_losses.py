@@ -1,0 +1,77 @@
+"""The bag-of-words loss against hand computations, and which tokens may be targets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_model, make_tokenizer
+
+from llama2vec.collate import PretextCollator, excluded_target_ids, target_sets
+from llama2vec.config import PromptConfig
+from llama2vec.losses import PretextModel, PretextWeights, bow_loss
+from llama2vec.models import add_placeholder_tokens
+from llama2vec.prompts import prompt_ids, resolve_prompt
+
+
+def test_bow_loss_by_hand():
+    # Two placeholder positions over a vocabulary of 4; max-pooling picks [2, 1, 0, 0].
+    logits = torch.tensor([[[2.0, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, -3.0]]])  # (1, 2, 4)
+    targets, mask = target_sets([[1, 3, 1, 3, 1]], excluded=set())  # repeated ids count once
+    assert targets.tolist() == [[1, 3]]
+    z = [2.0, 1.0, 0.0, 0.0]
+    log_norm = math.log(sum(math.exp(v) for v in z))
+    expected = -((z[1] - log_norm) + (z[3] - log_norm)) / 2
+    assert bow_loss(logits, targets, mask).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_bow_loss_single_position_and_padding_targets():
+    logits = torch.tensor([[[0.0, 1.0, 2.0]], [[3.0, 0.0, 0.0]]])  # (2, 1, 3): K = 1
+    targets, mask = target_sets([[2], [0, 1]], excluded=set())
+    assert mask.tolist() == [[True, False], [True, True]]
+    logp = logits[:, 0].log_softmax(-1)
+    expected = torch.stack([-logp[0, 2], -(logp[1, 0] + logp[1, 1]) / 2])
+    torch.testing.assert_close(bow_loss(logits, targets, mask), expected)
+
+
+def test_special_tokens_and_placeholders_are_never_targets():
+    tok = make_tokenizer()
+    model = make_model(len(tok))
+    spec = resolve_prompt(PromptConfig())
+    placeholder_ids = add_placeholder_tokens(tok, model, spec.new_tokens())
+    ids = prompt_ids(spec, tok)
+    excluded = excluded_target_ids(tok, ids)
+    for special in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id, *placeholder_ids):
+        assert special in excluded
+    text = [tok.bos_token_id, 7, 7, placeholder_ids[0], tok.eos_token_id, 9]
+    targets, mask = target_sets([text], excluded)
+    assert targets[mask].tolist() == [7, 9]
+
+
+def test_stopword_filter_drops_stopwords_and_punctuation_only():
+    tok = make_tokenizer()
+    spec = resolve_prompt(PromptConfig(prompt_preset="paper"))
+    ids = prompt_ids(spec, tok)
+    plain = excluded_target_ids(tok, ids)
+    filtered = excluded_target_ids(tok, ids, stopwords=True)
+    (the,), (comma,), (cat,) = (tok(w, add_special_tokens=False)["input_ids"] for w in (" the", ",", " capital"))
+    assert the in filtered and comma in filtered and cat not in filtered
+    assert the not in plain and plain < filtered
+
+
+def test_pretext_model_reports_parts_and_weights():
+    tok = make_tokenizer()
+    model = make_model(len(tok))
+    spec = resolve_prompt(PromptConfig())
+    add_placeholder_tokens(tok, model, spec.new_tokens())
+    ids = prompt_ids(spec, tok)
+    texts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("a cat sat", "the team won the final")]
+    batch = PretextCollator(ids, tok.pad_token_id, excluded_target_ids(tok, ids), 32)(
+        [{"text": texts[0], "next": texts[1]}, {"text": texts[1], "next": texts[0]}])
+    with torch.no_grad():
+        out = PretextModel(model, PretextWeights(0.05, 0.05, 0.0))(**batch)
+    assert set(out) == {"loss", "ebae", "ebar"}
+    assert out["loss"].item() == pytest.approx(0.05 * out["ebae"].item() + 0.05 * out["ebar"].item(), rel=1e-6)
+    # A random model is near-uniform over the vocabulary: loss ~ log |V|.
+    assert out["ebae"].item() == pytest.approx(math.log(len(tok)), rel=0.05)
