@@ -1,0 +1,216 @@
+"""Retrieval file formats: BEIR folders, training JSONL, TREC run files, embedding files.
+
+- BEIR folder: ``corpus.jsonl`` ({"_id", "title", "text"}), ``queries.jsonl`` ({"_id", "text"}),
+  ``qrels/<split>.tsv`` (header ``query-id corpus-id score``, then tab-separated rows).
+- Training JSONL: {"query": str, "pos": [str, ...], "neg": [str, ...]} per line (the FlagEmbedding /
+  Tevatron layout; extra keys are kept but ignored).
+- TREC run: ``qid Q0 docid rank score tag`` per line, whitespace separated.
+
+Every reader names the file, line and field of anything wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import _field, _lines
+from .errors import Llama2VecError
+
+Qrels = dict[str, dict[str, int]]  # query id -> {doc id: relevance}
+Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
+
+
+# --------------------------------------------------------------------------------------------
+# JSONL helpers
+
+
+def _objects(path: Path) -> Iterable[tuple[str, dict]]:
+    """(location, object) per non-blank line of a JSONL file."""
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise Llama2VecError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise Llama2VecError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_jsonl_rows(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+# --------------------------------------------------------------------------------------------
+# BEIR
+
+
+@dataclass
+class BeirDataset:
+    corpus: dict[str, dict[str, str]]  # doc id -> {"title", "text"}
+    queries: dict[str, str]  # query id -> text
+    qrels: Qrels  # of one split
+
+
+def read_corpus(path: Path) -> dict[str, dict[str, str]]:
+    corpus: dict[str, dict[str, str]] = {}
+    for where, obj in _objects(path):
+        doc_id = _field(obj, "_id", where, required=True)
+        if doc_id in corpus:
+            raise Llama2VecError(f"{where}: duplicate _id {doc_id!r}")
+        corpus[doc_id] = {"title": _field(obj, "title", where, required=False),
+                          "text": _field(obj, "text", where, required=True)}
+    return corpus
+
+
+def read_queries(path: Path) -> dict[str, str]:
+    queries: dict[str, str] = {}
+    for where, obj in _objects(path):
+        qid = _field(obj, "_id", where, required=True)
+        queries[qid] = _field(obj, "text", where, required=True)
+    return queries
+
+
+def read_qrels(path: Path) -> Qrels:
+    """A BEIR qrels TSV (with header) or a TREC qrels file (qid 0 docid rel)."""
+    qrels: Qrels = {}
+    first = True
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if first and path.suffix == ".tsv":
+            first = False
+            if parts[:2] == ["query-id", "corpus-id"]:
+                continue
+            raise Llama2VecError(f"{path}:{number}: expected the header 'query-id corpus-id score'")
+        first = False
+        if len(parts) == 4:  # TREC qrels: qid iteration docid relevance
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            raise Llama2VecError(f"{path}:{number}: expected 3 columns (query-id corpus-id score), got {len(parts)}")
+        try:
+            score = int(parts[2])
+        except ValueError:
+            raise Llama2VecError(f"{path}:{number}: field 'score' must be an integer, got {parts[2]!r}") from None
+        qrels.setdefault(parts[0], {})[parts[1]] = score
+    return qrels
+
+
+def write_qrels(path: Path, qrels: Qrels) -> None:
+    rows = ["query-id\tcorpus-id\tscore\n"]
+    rows += [f"{q}\t{d}\t{s}\n" for q, docs in qrels.items() for d, s in docs.items()]
+    atomic_write(path, "".join(rows))
+
+
+def read_beir(folder: str | Path, split: str) -> BeirDataset:
+    """Corpus, the queries that have qrels in `split`, and those qrels."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise Llama2VecError(f"{folder}: BEIR folder not found")
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
+        raise Llama2VecError(f"{qrels_path}: no qrels for split {split!r} (found: {', '.join(found) or 'none'})")
+    corpus = read_corpus(folder / "corpus.jsonl")
+    all_queries = read_queries(folder / "queries.jsonl")
+    qrels = read_qrels(qrels_path)
+    missing = [q for q in qrels if q not in all_queries]
+    if missing:
+        raise Llama2VecError(f"{qrels_path}: query ids not in queries.jsonl: {', '.join(missing[:5])}")
+    unknown = [d for docs in qrels.values() for d in docs if d not in corpus]
+    if unknown:
+        raise Llama2VecError(f"{qrels_path}: corpus ids not in corpus.jsonl: {', '.join(unknown[:5])}")
+    return BeirDataset(corpus, {q: all_queries[q] for q in qrels}, qrels)
+
+
+def passage_text(doc: dict[str, str]) -> str:
+    """The text a passage is encoded from: the title, when there is one, then the body."""
+    return f"{doc['title']}\n{doc['text']}" if doc.get("title") else doc["text"]
+
+
+# --------------------------------------------------------------------------------------------
+# Training JSONL
+
+
+@dataclass
+class TrainExample:
+    query: str
+    pos: list[str]
+    neg: list[str]
+
+
+def read_train(path: str | Path, min_negatives: int = 0) -> list[TrainExample]:
+    """Training examples; each needs a non-empty query, at least one positive and
+    `min_negatives` negatives."""
+    path = Path(path)
+    out = []
+    for where, obj in _objects(path):
+        query = _field(obj, "query", where, required=True)
+        if not query.strip():
+            raise Llama2VecError(f"{where}: field 'query' is empty")
+        lists = {}
+        for name in ("pos", "neg"):
+            value = obj.get(name, [] if name == "neg" else None)
+            if value is None:
+                raise Llama2VecError(f"{where}: missing field {name!r}")
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise Llama2VecError(f"{where}: field {name!r} must be a list of strings")
+            lists[name] = value
+        if not lists["pos"]:
+            raise Llama2VecError(f"{where}: field 'pos' is empty")
+        if len(lists["neg"]) < min_negatives:
+            raise Llama2VecError(f"{where}: field 'neg' has {len(lists['neg'])} passages, {min_negatives} needed")
+        out.append(TrainExample(query, lists["pos"], lists["neg"]))
+    if not out:
+        raise Llama2VecError(f"{path}: no training examples")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# TREC runs
+
+
+def read_run(path: str | Path) -> Run:
+    path = Path(path)
+    run: Run = {}
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 6:
+            raise Llama2VecError(f"{path}:{number}: expected 6 columns (qid Q0 docid rank score tag), got {len(parts)}")
+        try:
+            score = float(parts[4])
+        except ValueError:
+            raise Llama2VecError(f"{path}:{number}: field 'score' must be a number, got {parts[4]!r}") from None
+        run.setdefault(parts[0], {})[parts[2]] = score
+    return run
+
+
+def write_run(path: str | Path, run: Run, tag: str = "llama2vec") -> None:
+    """Write a TREC run, each query's documents by descending score."""
+    lines = []
+    for qid, docs in run.items():
+        ranked = sorted(docs.items(), key=lambda kv: -kv[1])
+        lines += [f"{qid} Q0 {d} {r} {s:.6f} {tag}\n" for r, (d, s) in enumerate(ranked, start=1)]
+    atomic_write(Path(path), "".join(lines))
+
+
+def read_tsv_ids(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return [row[0] for row in csv.reader(fh, delimiter="\t") if row]
