@@ -11,7 +11,7 @@ import yaml
 from conftest import make_model, make_tokenizer
 from safetensors.torch import load_file
 
-import llama2vec.adapt as adapt_mod
+import llama2vec.models as models_mod
 import llama2vec.train as train_mod
 from llama2vec.adapt import ADAPT_CONFIGS, adapt
 from llama2vec.cli import build_parser
@@ -82,14 +82,14 @@ def test_adapt_full_writes_a_model_that_reloads_identically(tiny_model_dir, tiny
 
 def test_adapt_lora_trains_adapters_and_placeholders_only(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
     seen = {}
-    real_save = adapt_mod.save_model_folder
+    real_save = models_mod.save_model_folder
 
     def capture(model, *args):
         seen["trainable"] = {n for n, p in model.named_parameters() if p.requires_grad}
         seen["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return real_save(model, *args)
 
-    monkeypatch.setattr(adapt_mod, "save_model_folder", capture)
+    monkeypatch.setattr(models_mod, "save_model_folder", capture)
     run(tiny_model_dir, tiny_corpus, tmp_path / "lora", "--max-steps", "3", "--lora", "--lora-r", "4")
     base = load_file(tiny_model_dir / "model.safetensors")
     trainable, params = seen["trainable"], seen["params"]

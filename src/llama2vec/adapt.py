@@ -11,10 +11,10 @@ from .collate import PretextCollator, excluded_target_ids
 from .config import DataConfig, ModelConfig, PretextConfig, PromptConfig, TrainConfig, save_resolved, to_dict
 from .data import PairDataset, build_pair_cache, pair_cache_key
 from .errors import Llama2VecError
-from .losses import PretextModel, PretextWeights, unwrap_lm
-from .models import add_placeholder_tokens, apply_lora, load_causal_lm, save_model_folder
+from .losses import PretextModel, PretextWeights
+from .models import add_placeholder_tokens, apply_lora, load_causal_lm
 from .prompts import prompt_ids, resolve_prompt
-from .train import make_accelerator, prepare_output, run_training
+from .train import finish, make_accelerator, prepare_output, run_training
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,6 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
     flat = {k: v for group in to_dict(model_cfg, pretext_cfg, data_cfg, train_cfg).values() for k, v in group.items()}
     result = run_training(accelerator, module, dataset, collator, train_cfg, out, "adapt", flat)
 
-    trained = result.pop("module").model
-    if accelerator.is_main_process:
-        if train_cfg.gradient_checkpointing:
-            unwrap_lm(trained).activation_checkpointing_disable()
-        result["model"] = save_model_folder(trained, tokenizer, spec, out).eval()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    result.update(output=str(out), pairs=len(dataset), data=dataset.meta)
+    finish(accelerator, result, tokenizer, spec, out, train_cfg.gradient_checkpointing)
+    result.update(pairs=len(dataset), data=dataset.meta)
     return result

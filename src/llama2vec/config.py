@@ -59,9 +59,11 @@ class PromptConfig:
     next_suffix: str | None = opt(None, "Text between T and the NEXT placeholders.")
     num_placeholders: int | None = opt(None, "K: placeholders per task (llara preset only).")
     pooling: str | None = opt(None, "Pooling of placeholder hidden states: mean or last.")
+    query_prompt: str = opt("next", "Prompt for queries at retrieval time: next (NEXT prompt) or self.")
 
     def __post_init__(self) -> None:
         _check_choice("prompt_preset", self.prompt_preset, ("llara", "paper"))
+        _check_choice("query_prompt", self.query_prompt, ("next", "self"))
         if self.pooling is not None:
             _check_choice("pooling", self.pooling, ("mean", "last"))
         if self.num_placeholders is not None and self.num_placeholders < 1:

@@ -93,7 +93,7 @@ def mine(output: str | Path, train: str | None = None, dataset: str | None = Non
                           batch_size)
     else:
         raise Llama2VecError(f"--method must be bm25 or dense, got {method!r}")
-    rows = [{"query_id": q, "query": queries[q], "pos": [texts[d] for d in qrels[q]], "neg": [texts[d] for d in negs[q]]}
-            for q in queries]
+    rows = [{"query_id": q, "query": queries[q], "pos": [texts[d] for d in qrels[q]],
+             "neg": [texts[d] for d in negs[q]]} for q in queries]
     write_jsonl_rows(Path(output), rows)
     return len(rows)

@@ -54,6 +54,7 @@ class PromptSpec:
     preset: str = "custom"
     max_length: int = 128  # tokens of T kept for passages
     query_max_length: int | None = None  # tokens of T kept for queries (default: max_length)
+    query_task: str = "next"  # prompt of queries: next (NEXT prompt, the method's) or self
 
     @property
     def k(self) -> int:
@@ -96,7 +97,7 @@ def resolve_prompt(cfg: PromptConfig, max_length: int = 128) -> PromptSpec:
         value = getattr(cfg, name)
         if value is not None:
             preset[name] = value
-    return PromptSpec(preset=cfg.prompt_preset, max_length=max_length, **preset)
+    return PromptSpec(preset=cfg.prompt_preset, max_length=max_length, query_task=cfg.query_prompt, **preset)
 
 
 @dataclass

@@ -225,3 +225,20 @@ def _truncate_log(path: Path, step: int) -> None:
 def read_log(out: str | Path) -> list[dict]:
     path = Path(out) / LOG_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def finish(accelerator, result: dict, tokenizer, spec, out: Path, gradient_checkpointing: bool) -> dict:
+    """Save the trained model folder on the main process (LoRA merged) and close the run.
+    Adds the saved model to `result` as 'model' on the main process."""
+    from .losses import unwrap_lm
+    from .models import save_model_folder
+
+    trained = result.pop("module").model
+    if accelerator.is_main_process:
+        if gradient_checkpointing:
+            unwrap_lm(trained).activation_checkpointing_disable()
+        result["model"] = save_model_folder(trained, tokenizer, spec, out).eval()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    result["output"] = str(out)
+    return result

@@ -1,0 +1,163 @@
+"""`Llama2Vec`: encode queries and passages with an (adapted, fine-tuned or plain) causal LM, and
+`llama2vec encode`: embeddings to `.npy` files, shard by shard, resumable.
+
+Queries use the prompt named by the model's `query_task` (NEXT by default, as in the method);
+passages use the SELF prompt. Embeddings are pooled over the placeholder positions and
+L2-normalised, so the inner product is the cosine similarity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .collate import left_pad
+from .config import ModelConfig, PromptConfig
+from .errors import Llama2VecError
+from .formats import passage_text
+from .losses import decoder_states, unwrap_lm
+from .models import add_placeholder_tokens, load_causal_lm, resolve_model_path
+from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
+
+log = logging.getLogger(__name__)
+
+
+def pool(states: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, K, H) placeholder states -> (B, H) L2-normalised embeddings."""
+    emb = states.mean(dim=1) if how == "mean" else states[:, -1]
+    return torch.nn.functional.normalize(emb.float(), dim=-1)
+
+
+def embed_ids(model, ids: PromptIds, rows: list[list[int]], task: str, pad_id: int, pooling: str) -> torch.Tensor:
+    """Embeddings (B, H) of tokenised texts (prompt not yet added) for task 'self' or 'next'.
+    Differentiable: the contrastive trainer calls it too."""
+    device = next(model.parameters()).device
+    input_ids, mask, positions = left_pad([ids.wrap(r, task) for r in rows], pad_id)  # (B, L) each
+    states = decoder_states(unwrap_lm(model), input_ids.to(device), positions.to(device), mask.to(device))
+    return pool(states[:, -ids.k:], pooling)  # the K embedding tokens close every row
+
+
+class Llama2Vec:
+    """A retrieval encoder around a causal LM. `encode_queries` and `encode_corpus` return
+    (N, H) float32 L2-normalised arrays, the interface BEIR- and MTEB-style evaluators call."""
+
+    def __init__(self, model, tokenizer, spec: PromptSpec, batch_size: int = 16, show_progress: bool = False):
+        self.model, self.tokenizer, self.spec = model.eval(), tokenizer, spec
+        self.ids = prompt_ids(spec, tokenizer)
+        self.batch_size, self.show_progress = batch_size, show_progress
+
+    @classmethod
+    def from_pretrained(cls, name: str, device: str = "auto", dtype: str = "auto", prompt: PromptConfig | None = None,
+                        max_length: int = 128, attn_implementation: str = "sdpa", **kwargs) -> Llama2Vec:
+        """Open a llama2vec model folder (its llama2vec_config.json says how to encode), or any
+        causal LM (hub id, folder, 'smollm2') with the prompt of `prompt` (default: llara)."""
+        path = resolve_model_path(name)
+        cfg = ModelConfig(model=name, device=device, dtype=dtype, attn_implementation=attn_implementation)
+        tokenizer, model, _ = load_causal_lm(cfg, path)
+        if (Path(path) / CONFIG_NAME).is_file() and prompt is None:
+            spec = PromptSpec.load(path)
+        else:
+            spec = resolve_prompt(prompt or PromptConfig(), max_length)
+        add_placeholder_tokens(tokenizer, model, spec.new_tokens())
+        return cls(model, tokenizer, spec, **kwargs)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
+        return [ids[:max_length] for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    @torch.no_grad()
+    def encode_ids(self, rows: list[list[int]], task: str, batch_size: int | None = None) -> np.ndarray:
+        """Embed tokenised texts in batches sorted by length (longest first); original order out."""
+        from tqdm.auto import tqdm
+
+        batch_size = batch_size or self.batch_size
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        pad = self.tokenizer.pad_token_id
+        for start in tqdm(range(0, len(order), batch_size), desc=f"encoding ({task})", unit="batch",
+                          disable=not self.show_progress):
+            idx = order[start: start + batch_size]
+            emb = embed_ids(self.model, self.ids, [rows[i] for i in idx], task, pad, self.spec.pooling)
+            out[idx] = emb.cpu().numpy()
+        return out
+
+    def encode_queries(self, queries: list[str], batch_size: int | None = None, **kwargs) -> np.ndarray:
+        max_length = self.spec.query_max_length or self.spec.max_length
+        return self.encode_ids(self.tokenize(list(queries), max_length), self.spec.query_task, batch_size)
+
+    def encode_corpus(self, corpus: list[str] | list[dict], batch_size: int | None = None, **kwargs) -> np.ndarray:
+        texts = [passage_text(c) if isinstance(c, dict) else c for c in corpus]
+        return self.encode_ids(self.tokenize(texts, self.spec.max_length), "self", batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding files
+
+
+def save_embeddings(folder: Path, ids: list[str], emb: np.ndarray, meta: dict | None = None) -> None:
+    """`embeddings.npy` (N, H) + `ids.txt` (one id per line) + `meta.json`, each written atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".embeddings.tmp-{os.getpid()}.npy"
+    np.save(tmp, emb)
+    (folder / "ids.txt.tmp").write_text("".join(i + "\n" for i in ids), encoding="utf-8")
+    (folder / "ids.txt.tmp").replace(folder / "ids.txt")
+    tmp.replace(folder / "embeddings.npy")
+    (folder / "meta.json").write_text(json.dumps({"count": len(ids), "dim": int(emb.shape[1]),
+                                                  "dtype": str(emb.dtype), **(meta or {})}, indent=2))
+
+
+def load_embeddings(folder: str | Path) -> tuple[list[str], np.ndarray]:
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        raise Llama2VecError(f"{folder}: not a finished embeddings folder (no meta.json)")
+    ids = (folder / "ids.txt").read_text(encoding="utf-8").splitlines()
+    emb = np.load(folder / "embeddings.npy")
+    if len(ids) != emb.shape[0]:
+        raise Llama2VecError(f"{folder}: {len(ids)} ids for {emb.shape[0]} embeddings")
+    return ids, emb
+
+
+def encode_to_folder(encoder: Llama2Vec, ids: list[str], texts: list[str], output: str | Path, task: str,
+                     shard_size: int = 1024, dtype: str = "float32", batch_size: int | None = None) -> Path:
+    """Encode texts into an embeddings folder. Texts are sorted by length and encoded in shards
+    written atomically under `output/shards/`; a killed run resumes at the first missing shard."""
+    from tqdm.auto import tqdm
+
+    output = Path(output)
+    if (output / "meta.json").is_file():
+        log.info("%s: already encoded", output)
+        return output
+    if len(set(ids)) != len(ids):
+        raise Llama2VecError("duplicate ids in the texts to encode")
+    spec = encoder.spec
+    max_length = spec.max_length if task == "self" else (spec.query_max_length or spec.max_length)
+    rows = encoder.tokenize(texts, max_length)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    shards = output / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(order) + shard_size - 1) // shard_size
+    for s in tqdm(range(n_shards), desc=f"encoding {output.name}", unit="shard"):
+        path = shards / f"shard-{s:05d}.npy"
+        if path.is_file():
+            continue
+        idx = order[s * shard_size: (s + 1) * shard_size]
+        emb = encoder.encode_ids([rows[i] for i in idx], task, batch_size)
+        tmp = shards / f".shard-{s:05d}.tmp.npy"
+        np.save(tmp, emb.astype(dtype))
+        tmp.replace(path)
+    emb = np.zeros((len(rows), encoder.dim), dtype=dtype)
+    for s in range(n_shards):
+        idx = order[s * shard_size: (s + 1) * shard_size]
+        emb[idx] = np.load(shards / f"shard-{s:05d}.npy")
+    save_embeddings(output, ids, emb, {"task": task, "model_prompt": encoder.spec.preset})
+    shutil.rmtree(shards, ignore_errors=True)
+    return output

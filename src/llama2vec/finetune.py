@@ -1,0 +1,196 @@
+"""`llama2vec finetune`: contrastive fine-tuning for retrieval (InfoNCE with hard, in-batch and
+cross-process negatives). Queries use the NEXT prompt, passages the SELF prompt."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .collate import left_pad
+from .config import ModelConfig, PromptConfig, TrainConfig, opt, save_resolved, to_dict
+from .encoder import pool
+from .errors import Llama2VecError
+from .formats import TrainExample, read_train
+from .losses import decoder_states, unwrap_lm
+from .models import add_placeholder_tokens, apply_lora, load_causal_lm, resolve_model_path
+from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
+from .train import finish, make_accelerator, prepare_output, run_training
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ContrastiveConfig:
+    train: str | None = opt(None, "Training JSONL: {query, pos: [...], neg: [...]} per line.")
+    group_size: int = opt(4, "Passages per query: 1 positive + group_size-1 hard negatives.")
+    temperature: float = opt(0.02, "Softmax temperature on cosine scores.")
+    query_max_length: int = opt(64, "Tokens of a query kept (prompt excluded).")
+    passage_max_length: int = opt(128, "Tokens of a passage kept (prompt excluded).")
+    cross_device: bool = opt(True, "Use the passages of every process as negatives when distributed.")
+    max_examples: int | None = opt(None, "Use only the first N training examples.")
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise Llama2VecError("group_size must be at least 1")
+        if self.temperature <= 0:
+            raise Llama2VecError("temperature must be positive")
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    lora: bool = opt(True, "Train LoRA adapters (merged on save); --full trains all weights.")
+    learning_rate: float = opt(1e-4, "Peak learning rate.")
+    batch_size: int = opt(4, "Queries per device per step.")
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: int = opt(32, "LoRA alpha.")
+
+
+# --------------------------------------------------------------------------------------------
+# The loss
+
+
+def infonce(q: torch.Tensor, p: torch.Tensor, temperature: float, group_size: int, offset: int = 0) -> torch.Tensor:
+    """InfoNCE over cosine scores.
+
+    q (B, H) and p (N, H) L2-normalised; p holds consecutive groups of `group_size` passages,
+    the first of each group the positive. Query i's positive is p[(offset + i) * group_size];
+    every other passage (its hard negatives, other queries' passages) is a negative.
+    """
+    scores = q @ p.T / temperature  # (B, N)
+    target = (offset + torch.arange(q.shape[0], device=q.device)) * group_size  # (B,)
+    return F.cross_entropy(scores.float(), target)
+
+
+def gather_passages(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All processes' passages (differentiable) and this process's query offset."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return p, 0
+    return torch.cat(all_gather(p), dim=0), dist.get_rank()
+
+
+class ContrastiveModel(nn.Module):
+    """forward(batch) -> {'loss', 'accuracy'}: embeds queries and passages, then InfoNCE."""
+
+    def __init__(self, model: nn.Module, k: int, pooling: str, temperature: float, group_size: int,
+                 cross_device: bool = True):
+        super().__init__()
+        self.model, self.k, self.pooling = model, k, pooling
+        self.temperature, self.group_size, self.cross_device = temperature, group_size, cross_device
+
+    def embed(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        states = decoder_states(unwrap_lm(self.model), input_ids, position_ids, attention_mask)  # (B, L, H)
+        return pool(states[:, -self.k:], self.pooling)  # (B, H)
+
+    def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        q = self.embed(batch["q_input_ids"], batch["q_attention_mask"], batch["q_position_ids"])  # (B, H)
+        p = self.embed(batch["p_input_ids"], batch["p_attention_mask"], batch["p_position_ids"])  # (B*G, H)
+        offset = 0
+        if self.cross_device:
+            p, offset = gather_passages(p)
+        loss = infonce(q, p, self.temperature, self.group_size, offset)
+        with torch.no_grad():
+            scores = q @ p.T  # (B, N)
+            target = (offset + torch.arange(q.shape[0], device=q.device)) * self.group_size
+            accuracy = (scores.argmax(dim=1) == target).float().mean()
+        return {"loss": loss, "accuracy": accuracy}
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+class GroupDataset:
+    """Item i: the query and a group of passages (a positive, then group_size-1 negatives),
+    drawn reproducibly from (seed, i)."""
+
+    def __init__(self, examples: list[TrainExample], group_size: int, seed: int):
+        self.examples, self.group_size, self.seed = examples, group_size, seed
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.examples[i]
+        rng = random.Random(int(hashlib.sha1(f"{self.seed}:{i}".encode()).hexdigest(), 16))
+        n = self.group_size - 1
+        negs = rng.sample(e.neg, n) if len(e.neg) >= n else [rng.choice(e.neg) for _ in range(n)] if n else []
+        return {"query": e.query, "passages": [rng.choice(e.pos), *negs]}
+
+
+class ContrastiveCollator:
+    """Tokenises queries (query prompt) and passages (SELF prompt) into left-padded batches."""
+
+    def __init__(self, tokenizer, ids: PromptIds, query_task: str, query_max_length: int, passage_max_length: int):
+        self.tokenizer, self.ids, self.query_task = tokenizer, ids, query_task
+        self.q_len, self.p_len = query_max_length, passage_max_length
+
+    def rows(self, texts: list[str], max_length: int, task: str) -> list[list[int]]:
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [self.ids.wrap(t[:max_length], task) for t in ids]
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        q = left_pad(self.rows([e["query"] for e in examples], self.q_len, self.query_task), pad)
+        p = left_pad(self.rows([t for e in examples for t in e["passages"]], self.p_len, "self"), pad)
+        batch = {f"q_{k}": v for k, v in zip(("input_ids", "attention_mask", "position_ids"), q)}
+        batch.update({f"p_{k}": v for k, v in zip(("input_ids", "attention_mask", "position_ids"), p)})
+        batch["n_tokens"] = q[1].sum() + p[1].sum()
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+FINETUNE_CONFIGS = (ModelConfig, PromptConfig, ContrastiveConfig, FinetuneTrainConfig)
+
+
+def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: ContrastiveConfig,
+             train_cfg: FinetuneTrainConfig) -> dict:
+    """Fine-tune `model_cfg.model` (a llama2vec folder keeps its prompt; any causal LM gets the
+    prompt options) on `con_cfg.train`; write a llama2vec model folder to `train_cfg.output`."""
+    if not con_cfg.train:
+        raise Llama2VecError("--train is required")
+    examples = read_train(con_cfg.train, min_negatives=1 if con_cfg.group_size > 1 else 0)
+    if con_cfg.max_examples:
+        examples = examples[: con_cfg.max_examples]
+    out = prepare_output(train_cfg)
+    path = resolve_model_path(model_cfg.model)
+    tokenizer, lm, device = load_causal_lm(model_cfg, path)
+    if (Path(path) / CONFIG_NAME).is_file():
+        spec = PromptSpec.load(path)
+        log.info("using the prompt saved with %s (%s preset)", path, spec.preset)
+    else:
+        spec = resolve_prompt(prompt_cfg)
+    spec.max_length, spec.query_max_length = con_cfg.passage_max_length, con_cfg.query_max_length
+    spec.query_task = prompt_cfg.query_prompt
+    placeholder_ids = add_placeholder_tokens(tokenizer, lm, spec.new_tokens())
+    ids = prompt_ids(spec, tokenizer)
+    accelerator = make_accelerator(train_cfg, device, out)
+    save_resolved(out / "run_config.yaml", model_cfg, prompt_cfg, con_cfg, train_cfg, extra={"command": "finetune"})
+
+    torch.manual_seed(train_cfg.seed)
+    if train_cfg.gradient_checkpointing:
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if train_cfg.lora:
+        lm = apply_lora(lm, train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout, placeholder_ids)
+    module = ContrastiveModel(lm, spec.k, spec.pooling, con_cfg.temperature, con_cfg.group_size, con_cfg.cross_device)
+    dataset = GroupDataset(examples, con_cfg.group_size, train_cfg.seed)
+    collator = ContrastiveCollator(tokenizer, ids, spec.query_task, con_cfg.query_max_length,
+                                   con_cfg.passage_max_length)
+    flat = {k: v for group in to_dict(model_cfg, con_cfg, train_cfg).values() for k, v in group.items()}
+    result = run_training(accelerator, module, dataset, collator, train_cfg, out, "finetune", flat)
+
+    finish(accelerator, result, tokenizer, spec, out, train_cfg.gradient_checkpointing)
+    result["examples"] = len(examples)
+    return result
