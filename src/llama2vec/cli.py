@@ -10,8 +10,20 @@ import os
 import sys
 import warnings
 
-from .config import DataConfig, ModelConfig, PretextConfig, PromptConfig, TrainConfig, add_flags, build_configs
+from .config import (
+    FINETUNE_CONFIGS,
+    DataConfig,
+    ModelConfig,
+    PretextConfig,
+    PromptConfig,
+    TrainConfig,
+    add_flags,
+    build_configs,
+)
 from .errors import Llama2VecError
+
+DESCRIPTION = ("Llama2Vec: adapt a causal LLM into a dense retriever, then fine-tune, encode, index, search "
+               "and evaluate.")
 
 
 def _adapt(args: argparse.Namespace) -> None:
@@ -22,12 +34,97 @@ def _adapt(args: argparse.Namespace) -> None:
         print(json.dumps({k: v for k, v in result.items() if k not in ("data", "model")}, indent=2, default=str))
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from .finetune import finetune
+
+    result = finetune(*build_configs(args, *FINETUNE_CONFIGS))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2, default=str))
+
+
 def _data(args: argparse.Namespace) -> None:
     from . import data
 
     if args.dataset == "wiki":
         n = data.build_wiki(args.output)
         print(f"wrote {n} Wikipedia articles to {args.output}")
+    else:
+        from .bbc import build_bbc
+
+        counts = build_bbc(args.output, negatives=args.negatives)
+        print(f"wrote the BBC BEIR folder to {args.output}: {counts}")
+
+
+def _mine(args: argparse.Namespace) -> None:
+    from .mine import mine
+
+    n = mine(args.output, train=args.train, dataset=args.dataset, split=args.split, corpus=args.corpus,
+             method=args.method, model=args.model, negatives=args.negatives, rank_range=tuple(args.rank_range),
+             seed=args.seed, batch_size=args.batch_size)
+    print(f"wrote {n} training examples with mined negatives to {args.output}")
+
+
+def _read_texts(path: str) -> tuple[list[str], list[str]]:
+    """ids and texts of a JSONL file of {_id|id, text[, title]} objects."""
+    from pathlib import Path
+
+    from .data import read_jsonl
+    from .formats import passage_text
+
+    docs = list(read_jsonl(Path(path)))
+    return [d.id for d in docs], [passage_text({"title": d.title, "text": d.text}) for d in docs]
+
+
+def _encode(args: argparse.Namespace) -> None:
+    from .encoder import Llama2Vec, encode_to_folder
+    from .formats import passage_text, read_beir
+
+    if args.dataset:
+        data = read_beir(args.dataset, args.split)
+        if args.what == "corpus":
+            ids, texts = list(data.corpus), [passage_text(d) for d in data.corpus.values()]
+        else:
+            ids, texts = list(data.queries), list(data.queries.values())
+    elif args.input:
+        ids, texts = _read_texts(args.input)
+    else:
+        raise Llama2VecError("give --dataset DIR or --input FILE")
+    encoder = Llama2Vec.from_pretrained(args.model, device=args.device, batch_size=args.batch_size)
+    task = "self" if args.what == "corpus" else encoder.spec.query_task
+    out = encode_to_folder(encoder, ids, texts, args.output, task, args.shard_size, args.dtype)
+    print(f"wrote {len(ids)} embeddings to {out}")
+
+
+def _index(args: argparse.Namespace) -> None:
+    from .encoder import load_embeddings
+    from .index import build_index, save_index
+
+    ids, emb = load_embeddings(args.embeddings)
+    save_index(args.output, build_index(emb, args.factory), ids, args.factory)
+    print(f"indexed {len(ids)} embeddings ({args.factory}) into {args.output}")
+
+
+def _search(args: argparse.Namespace) -> None:
+    from .encoder import load_embeddings
+    from .evaluate import fuse_rrf
+    from .formats import read_run, write_run
+    from .index import search_shards
+
+    qids, queries = load_embeddings(args.queries)
+    run = search_shards(args.index, qids, queries, args.k, args.params)
+    if args.fuse_run:
+        run = fuse_rrf([run, *(read_run(r) for r in args.fuse_run)], depth=args.k)
+    write_run(args.output, run)
+    print(f"wrote the top {args.k} of {len(qids)} queries to {args.output}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate, print_table
+
+    metrics = evaluate(args.output, args.run, args.qrels, args.model, args.dataset, args.split, args.k, args.fuse,
+                       args.save_run, args.device, args.batch_size)
+    name = args.model or args.run
+    print_table(name + (f" + {args.fuse} (RRF)" if args.fuse else ""), metrics)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -37,13 +134,16 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama2vec", description=__doc__.split("\n")[0].replace("The", "the"))
+    parser = argparse.ArgumentParser(prog="llama2vec", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="Write the embedded default data sets.")
-    p.add_argument("dataset", choices=["wiki"], help="wiki: the Wikipedia sample bundled in gensim, as JSONL.")
-    p.add_argument("--output", required=True, help="Output file (JSONL) or folder.")
+    p.add_argument("dataset", choices=["wiki", "bbc"],
+                   help="wiki: the Wikipedia sample bundled in gensim, as JSONL; bbc: the BBC News retrieval "
+                        "task as a BEIR folder with train.jsonl.")
+    p.add_argument("--output", required=True, help="Output file (wiki: JSONL) or folder (bbc).")
+    p.add_argument("--negatives", type=int, default=15, help="bbc: BM25 hard negatives per training query.")
     p.set_defaults(func=_data)
 
     p = sub.add_parser("adapt", help="Unsupervised Llama2Vec adaptation (EBAE + EBAR) of a causal LM.",
@@ -53,6 +153,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", dest="lora", action="store_false", default=argparse.SUPPRESS,
                    help="Train all weights (the default for adapt); the opposite of --lora.")
     p.set_defaults(func=_adapt)
+
+    p = sub.add_parser("finetune", help="Contrastive fine-tuning for retrieval (InfoNCE).",
+                       description="Fine-tune a llama2vec model or any causal LM on training JSONL with InfoNCE "
+                                   "over hard, in-batch and cross-process negatives. Every option can also come "
+                                   "from a YAML file given with --config.")
+    add_flags(p, *FINETUNE_CONFIGS)
+    p.add_argument("--full", dest="lora", action="store_false", default=argparse.SUPPRESS,
+                   help="Train all weights instead of LoRA adapters.")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("mine", help="Mine hard negatives with BM25 or a dense model.")
+    p.add_argument("--train", help="Training JSONL whose negatives are replaced.")
+    p.add_argument("--dataset", help="BEIR folder (instead of --train).")
+    p.add_argument("--split", default="train", help="Split of --dataset.")
+    p.add_argument("--corpus", help="With --train: a corpus.jsonl of candidates (default: the file's passages).")
+    p.add_argument("--method", choices=["bm25", "dense"], default="bm25")
+    p.add_argument("--model", help="Model for --method dense.")
+    p.add_argument("--negatives", type=int, default=15, help="Negatives per query.")
+    p.add_argument("--rank-range", type=int, nargs=2, default=[10, 100], metavar=("LOW", "HIGH"),
+                   help="Sample from these ranks (1-based, inclusive) after removing positives.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--output", required=True, help="Training JSONL to write.")
+    p.set_defaults(func=_mine)
+
+    p = sub.add_parser("encode", help="Encode a corpus or queries into an embeddings folder.")
+    p.add_argument("--model", required=True, help="llama2vec model folder, causal LM, or 'smollm2'.")
+    p.add_argument("--dataset", help="BEIR folder.")
+    p.add_argument("--split", default="test", help="Split whose queries are encoded.")
+    p.add_argument("--what", choices=["corpus", "queries"], default="corpus")
+    p.add_argument("--input", help="JSONL of {_id, text[, title]} instead of --dataset.")
+    p.add_argument("--output", required=True, help="Embeddings folder: embeddings.npy, ids.txt, meta.json.")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=1024, help="Texts per shard (the unit of resuming).")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_encode)
+
+    p = sub.add_parser("index", help="Build a FAISS index from an embeddings folder.")
+    p.add_argument("--embeddings", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--factory", default="Flat", help="FAISS index factory string: Flat (exact), HNSW32, IVF256,PQ16.")
+    p.set_defaults(func=_index)
+
+    p = sub.add_parser("search", help="Search index folders (merged by top-k) and write a TREC run.")
+    p.add_argument("--index", required=True, nargs="+", help="One or more index folders (shards).")
+    p.add_argument("--queries", required=True, help="Embeddings folder of the queries.")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW).")
+    p.add_argument("--fuse-run", nargs="*", default=[], help="TREC runs to fuse with by reciprocal rank fusion.")
+    p.add_argument("--output", required=True, help="TREC run file.")
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser("evaluate", help="Metrics of a run, or of a system end to end on a BEIR split.")
+    p.add_argument("--run", help="TREC run file (with --qrels).")
+    p.add_argument("--qrels", help="BEIR qrels TSV or TREC qrels.")
+    p.add_argument("--model", help="bm25, minilm, a sentence-transformers folder, a llama2vec folder or causal LM.")
+    p.add_argument("--dataset", help="BEIR folder.")
+    p.add_argument("--split", default="test")
+    p.add_argument("--k", type=int, default=1000, help="Depth of the retrieved ranking.")
+    p.add_argument("--fuse", help="A second system fused with --model by reciprocal rank fusion (e.g. bm25).")
+    p.add_argument("--save-run", help="Also write the system's TREC run here.")
+    p.add_argument("--output", help="Metrics JSON to write.")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("plot", help="Plot the loss curves of a training run folder as a PNG.")
     p.add_argument("run", help="A folder written by adapt or finetune (holds log.jsonl).")

@@ -121,6 +121,35 @@ class TrainConfig:
             raise Llama2VecError("batch_size and grad_accum must be positive")
 
 
+@dataclass
+class ContrastiveConfig:
+    train: str | None = opt(None, "Training JSONL: {query, pos: [...], neg: [...]} per line.")
+    group_size: int = opt(4, "Passages per query: 1 positive + group_size-1 hard negatives.")
+    temperature: float = opt(0.02, "Softmax temperature on cosine scores.")
+    query_max_length: int = opt(64, "Tokens of a query kept (prompt excluded).")
+    passage_max_length: int = opt(128, "Tokens of a passage kept (prompt excluded).")
+    cross_device: bool = opt(True, "Use the passages of every process as negatives when distributed.")
+    max_examples: int | None = opt(None, "Use only the first N training examples.")
+
+    def __post_init__(self) -> None:
+        if self.group_size < 1:
+            raise Llama2VecError("group_size must be at least 1")
+        if self.temperature <= 0:
+            raise Llama2VecError("temperature must be positive")
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    lora: bool = opt(True, "Train LoRA adapters (merged on save); --full trains all weights.")
+    learning_rate: float = opt(1e-4, "Peak learning rate.")
+    batch_size: int = opt(4, "Queries per device per step.")
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: int = opt(32, "LoRA alpha.")
+
+
+FINETUNE_CONFIGS = (ModelConfig, PromptConfig, ContrastiveConfig, FinetuneTrainConfig)
+
+
 # --------------------------------------------------------------------------------------------
 # Flags and YAML
 

