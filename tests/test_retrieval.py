@@ -181,8 +181,8 @@ def test_approximate_indexes_and_round_trip(tmp_path):
     p, q = random_unit(2000, 32, 4), random_unit(50, 32, 5)
     exact = search_index(build_index(p, "Flat"), q, 10)[1]
     for factory in ("HNSW32", "IVF16,PQ8"):
-        folder = save_index(tmp_path / factory.replace(",", "_"), build_index(p, factory), [str(i) for i in range(2000)],
-                            factory)
+        ids = [str(i) for i in range(2000)]
+        folder = save_index(tmp_path / factory.replace(",", "_"), build_index(p, factory), ids, factory)
         index, ids = load_index(folder)
         found = search_index(index, q, 10)[1]
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])

@@ -19,8 +19,14 @@ torch.manual_seed(0)
 model = make_model(64).train()
 G, B = 3, 2  # group size, queries per process
 gen = torch.Generator().manual_seed(1)
-queries = [torch.randint(4, 64, (int(n),), generator=gen).tolist() for n in torch.randint(3, 9, (B * world,), generator=gen)]
-passages = [torch.randint(4, 64, (int(n),), generator=gen).tolist() for n in torch.randint(3, 12, (B * world * G,), generator=gen)]
+
+
+def rows(count: int, longest: int) -> list[list[int]]:
+    lengths = torch.randint(3, longest, (count,), generator=gen)
+    return [torch.randint(4, 64, (int(n),), generator=gen).tolist() for n in lengths]
+
+
+queries, passages = rows(B * world, 9), rows(B * world * G, 12)
 
 
 def batch(qs, ps):
