@@ -198,12 +198,9 @@ def test_approximate_indexes_and_round_trip(tmp_path):
 
 
 def test_finetune_encode_index_search_evaluate(tiny_model_dir, tmp_path):
-    docs = {f"d{i}": s for i, s in enumerate(SENTENCES)}
-    queries = {f"q{i}": " ".join(s.split()[:4]) for i, s in enumerate(SENTENCES)}
-    qrels = {f"q{i}": {f"d{i}": 1} for i in range(len(SENTENCES))}
-    beir = write_beir(tmp_path / "beir", docs, queries, qrels)
+    beir, docs = small_beir(tmp_path)
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"query": queries[f"q{i}"], "pos": [docs[f"d{i}"]],
+    train.write_text("".join(json.dumps({"query": " ".join(docs[f"d{i}"].split()[:4]), "pos": [docs[f"d{i}"]],
                                          "neg": [docs[f"d{(i + 1) % 8}"], docs[f"d{(i + 2) % 8}"]]}) + "\n"
                              for i in range(8)))
     model = tmp_path / "ft"
@@ -234,3 +231,35 @@ def test_finetune_encode_index_search_evaluate(tiny_model_dir, tmp_path):
     assert main(["evaluate", "--model", str(model), "--dataset", str(beir), "--fuse", "bm25",
                  "--output", str(tmp_path / "m3.json")]) == 0
     assert 0 <= json.loads((tmp_path / "m3.json").read_text())["ndcg@10"] <= 1
+
+
+def small_beir(tmp_path):
+    docs = {f"d{i}": s for i, s in enumerate(SENTENCES)}
+    queries = {f"q{i}": " ".join(s.split()[:4]) for i, s in enumerate(SENTENCES)}
+    return write_beir(tmp_path / "beir", docs, queries, {f"q{i}": {f"d{i}": 1} for i in range(len(SENTENCES))}), docs
+
+
+def test_dense_mining_never_returns_positives(tiny_model_dir, tmp_path):
+    from llama2vec.mine import mine
+
+    beir, docs = small_beir(tmp_path)
+    out = tmp_path / "mined.jsonl"
+    assert mine(out, dataset=str(beir), split="test", method="dense", model=str(tiny_model_dir), negatives=3,
+                rank_range=(1, 6)) == 8
+    for row in map(json.loads, out.read_text().splitlines()):
+        assert len(row["neg"]) == 3 and row["pos"][0] not in row["neg"]
+        assert set(row["neg"]) <= set(docs.values())
+
+
+def test_finetune_runs_under_torchrun(tiny_model_dir, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"query": s[:20], "pos": [s], "neg": [SENTENCES[(i + 1) % 8]]}) + "\n"
+                             for i, s in enumerate(SENTENCES)))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "llama2vec", "finetune",
+           "--model", str(tiny_model_dir), "--train", str(train), "--output", str(out), "--device", "cpu",
+           "--max-steps", "2", "--batch-size", "2", "--group-size", "2", "--logging-steps", "1", "--lora-r", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "llama2vec_config.json").is_file()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
