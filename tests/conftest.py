@@ -77,3 +77,21 @@ def tiny_corpus(tmp_path):
             text = " ".join(SENTENCES[(d + i) % len(SENTENCES)] for i in range(8))
             fh.write(json.dumps({"id": f"d{d}", "title": f"Doc {d}", "text": text}) + "\n")
     return path
+
+
+def pretext_setup(texts: tuple[str, str], preset: str = "llara"):
+    """(model with placeholders, a collated pretext batch of the two texts as each other's next)."""
+    from llama2vec.collate import PretextCollator, excluded_target_ids
+    from llama2vec.config import PromptConfig
+    from llama2vec.models import add_placeholder_tokens
+    from llama2vec.prompts import prompt_ids, resolve_prompt
+
+    tok = make_tokenizer()
+    model = make_model(len(tok))
+    spec = resolve_prompt(PromptConfig(prompt_preset=preset))
+    add_placeholder_tokens(tok, model, spec.new_tokens())
+    ids = prompt_ids(spec, tok)
+    a, b = (tok(t, add_special_tokens=False)["input_ids"] for t in texts)
+    batch = PretextCollator(ids, tok.pad_token_id, excluded_target_ids(tok, ids), 32)(
+        [{"text": a, "next": b}, {"text": b, "next": a}])
+    return model, batch

@@ -8,18 +8,15 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import make_model, make_tokenizer
+from conftest import pretext_setup
 from safetensors.torch import load_file
 
 import llama2vec.models as models_mod
 import llama2vec.train as train_mod
 from llama2vec.adapt import ADAPT_CONFIGS, adapt
 from llama2vec.cli import build_parser
-from llama2vec.collate import PretextCollator, excluded_target_ids
-from llama2vec.config import PromptConfig, build_configs
+from llama2vec.config import build_configs
 from llama2vec.losses import PretextModel, PretextWeights
-from llama2vec.models import add_placeholder_tokens
-from llama2vec.prompts import prompt_ids, resolve_prompt
 
 
 def run(model_dir, corpus, out, *flags: str) -> dict:
@@ -30,14 +27,8 @@ def run(model_dir, corpus, out, *flags: str) -> dict:
 
 
 def test_loss_is_finite_and_falls_on_a_repeated_batch():
-    tok = make_tokenizer()
-    model = make_model(len(tok)).train()
-    spec = resolve_prompt(PromptConfig())
-    add_placeholder_tokens(tok, model, spec.new_tokens())
-    ids = prompt_ids(spec, tok)
-    texts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("the cat sat on the mat", "stock markets fell")]
-    batch = PretextCollator(ids, tok.pad_token_id, excluded_target_ids(tok, ids), 32)(
-        [{"text": texts[0], "next": texts[1]}, {"text": texts[1], "next": texts[0]}])
+    model, batch = pretext_setup(("the cat sat on the mat", "stock markets fell"))
+    model.train()
     module = PretextModel(model, PretextWeights())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []

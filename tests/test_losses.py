@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import make_model, make_tokenizer, pretext_setup
 
-from llama2vec.collate import PretextCollator, excluded_target_ids, target_sets
+from llama2vec.collate import excluded_target_ids, target_sets
 from llama2vec.config import PromptConfig
 from llama2vec.losses import PretextModel, PretextWeights, bow_loss
 from llama2vec.models import add_placeholder_tokens
@@ -61,17 +61,11 @@ def test_stopword_filter_drops_stopwords_and_punctuation_only():
 
 
 def test_pretext_model_reports_parts_and_weights():
-    tok = make_tokenizer()
-    model = make_model(len(tok))
-    spec = resolve_prompt(PromptConfig())
-    add_placeholder_tokens(tok, model, spec.new_tokens())
-    ids = prompt_ids(spec, tok)
-    texts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("a cat sat", "the team won the final")]
-    batch = PretextCollator(ids, tok.pad_token_id, excluded_target_ids(tok, ids), 32)(
-        [{"text": texts[0], "next": texts[1]}, {"text": texts[1], "next": texts[0]}])
+    model, batch = pretext_setup(("a cat sat", "the team won the final"))
+    tok_size = model.get_input_embeddings().weight.shape[0]
     with torch.no_grad():
         out = PretextModel(model, PretextWeights(0.05, 0.05, 0.0))(**batch)
     assert set(out) == {"loss", "ebae", "ebar"}
     assert out["loss"].item() == pytest.approx(0.05 * out["ebae"].item() + 0.05 * out["ebar"].item(), rel=1e-6)
     # A random model is near-uniform over the vocabulary: loss ~ log |V|.
-    assert out["ebae"].item() == pytest.approx(math.log(len(tok)), rel=0.05)
+    assert out["ebae"].item() == pytest.approx(math.log(tok_size), rel=0.05)

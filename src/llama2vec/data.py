@@ -77,8 +77,8 @@ def _field(obj: dict, name: str, where: str, required: bool) -> str:
     return value
 
 
-def read_jsonl(path: Path, stats: ReadStats | None = None, text_field: str = "text") -> Iterator[Document]:
-    """JSONL documents: one object per line with 'text' and optional 'title' and 'id' (or '_id')."""
+def read_objects(path: Path) -> Iterator[tuple[str, dict]]:
+    """('file:line', object) for each non-blank line of a JSONL file."""
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -89,9 +89,15 @@ def read_jsonl(path: Path, stats: ReadStats | None = None, text_field: str = "te
             raise Llama2VecError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict):
             raise Llama2VecError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
+
+
+def read_jsonl(path: Path, stats: ReadStats | None = None, text_field: str = "text") -> Iterator[Document]:
+    """JSONL documents: one object per line with 'text' and optional 'title' and 'id' (or '_id')."""
+    for where, obj in read_objects(path):
         text = _field(obj, text_field, where, required=True)
         title = _field(obj, "title", where, required=False)
-        doc_id = _field(obj, "_id" if "_id" in obj else "id", where, required=False) or str(number)
+        doc_id = _field(obj, "_id" if "_id" in obj else "id", where, required=False) or where.rsplit(":", 1)[1]
         if not text.strip():
             _skip(stats, where)
             continue

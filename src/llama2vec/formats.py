@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import _field, _lines
+from .data import _field, _lines, read_objects
 from .errors import Llama2VecError
 
 Qrels = dict[str, dict[str, int]]  # query id -> {doc id: relevance}
@@ -27,21 +27,6 @@ Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
 
 # --------------------------------------------------------------------------------------------
 # JSONL helpers
-
-
-def _objects(path: Path) -> Iterable[tuple[str, dict]]:
-    """(location, object) per non-blank line of a JSONL file."""
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise Llama2VecError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise Llama2VecError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        yield where, obj
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -68,7 +53,7 @@ class BeirDataset:
 
 def read_corpus(path: Path) -> dict[str, dict[str, str]]:
     corpus: dict[str, dict[str, str]] = {}
-    for where, obj in _objects(path):
+    for where, obj in read_objects(path):
         doc_id = _field(obj, "_id", where, required=True)
         if doc_id in corpus:
             raise Llama2VecError(f"{where}: duplicate _id {doc_id!r}")
@@ -79,7 +64,7 @@ def read_corpus(path: Path) -> dict[str, dict[str, str]]:
 
 def read_queries(path: Path) -> dict[str, str]:
     queries: dict[str, str] = {}
-    for where, obj in _objects(path):
+    for where, obj in read_objects(path):
         qid = _field(obj, "_id", where, required=True)
         queries[qid] = _field(obj, "text", where, required=True)
     return queries
@@ -159,7 +144,7 @@ def read_train(path: str | Path, min_negatives: int = 0) -> list[TrainExample]:
     `min_negatives` negatives."""
     path = Path(path)
     out = []
-    for where, obj in _objects(path):
+    for where, obj in read_objects(path):
         query = _field(obj, "query", where, required=True)
         if not query.strip():
             raise Llama2VecError(f"{where}: field 'query' is empty")
