@@ -127,6 +127,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     print_table(name + (f" + {args.fuse} (RRF)" if args.fuse else ""), metrics)
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import demo
+
+    demo(args.preset, args.output, args.force)
+
+
 def _plot(args: argparse.Namespace) -> None:
     from .plots import plot_training_log
 
@@ -219,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("demo", help="The main job: test the paper's claim end to end on the embedded defaults.")
+    p.add_argument("--preset", choices=["quick", "full", "paper"], default="quick",
+                   help="quick: under 15 minutes on a 2-core CPU; full: under 2 hours; paper: the whole protocol, "
+                        "for a GPU.")
+    p.add_argument("--output", default="runs/demo", help="Output folder (finished stages there are reused).")
+    p.add_argument("--force", action="store_true", help="Delete the output folder first and redo every stage.")
+    p.set_defaults(func=_demo)
 
     p = sub.add_parser("plot", help="Plot the loss curves of a training run folder as a PNG.")
     p.add_argument("run", help="A folder written by adapt or finetune (holds log.jsonl).")

@@ -1,0 +1,335 @@
+"""`llama2vec demo`: the paper's claim tested end to end on the embedded defaults.
+
+Stages (each cached in the output folder; `--force` redoes them; an interrupted stage resumes):
+data -> adapt SmolLM2 (EBAE + EBAR, Wikipedia + BBC train bodies) -> fine-tune the adapted and the
+unadapted model with the same recipe -> evaluate every system on the same BBC test protocol ->
+label curve (fine-tuning on the first n training queries) -> report.json, report.md, charts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Llama2VecError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoSettings:
+    """Every knob of a demo run; the presets below fill them."""
+
+    adapt_steps: int
+    adapt_batch: int
+    adapt_lr: float
+    main_queries: int  # training queries of the main fine-tuned systems (one pass over them)
+    finetune_batch: int
+    group_size: int
+    finetune_lr: float
+    passage_max_length: int  # tokens of a passage (and of an adaptation chunk), prompt excluded
+    query_max_length: int
+    eval_queries: int | None  # test queries evaluated (None: all 403)
+    distractors: int | None  # passages besides the evaluated queries' own (None: the whole corpus)
+    label_curve: list[int] = field(default_factory=list)  # n training queries (0 = no fine-tuning)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    query_prompt: str = "self"  # headlines paraphrase their article: the SELF prompt suits them
+    temperature: float = 0.02
+    scaled_down: str = ""
+    base_model: str = "smollm2"
+
+
+PRESETS = {
+    "quick": DemoSettings(
+        adapt_steps=40, adapt_batch=8, adapt_lr=1e-4,
+        main_queries=48, finetune_batch=4, group_size=4, finetune_lr=2e-5,
+        passage_max_length=64, query_max_length=32, eval_queries=150, distractors=50,
+        scaled_down="40 adaptation steps on 64-token chunks; fine-tuning on 48 training queries (12 steps); "
+                    "150 test queries against a corpus of their own 150 passages plus 50 others, cut to 64 tokens",
+    ),
+    "full": DemoSettings(
+        adapt_steps=200, adapt_batch=8, adapt_lr=1e-4,
+        main_queries=160, finetune_batch=4, group_size=4, finetune_lr=2e-5,
+        passage_max_length=64, query_max_length=32, eval_queries=None, distractors=200,
+        label_curve=[0, 16, 48, 160], seeds=[0, 1],
+        scaled_down="passages and adaptation chunks cut to 64 tokens; the 403 test queries against their own "
+                    "403 passages plus 200 others (not the whole 2,089-passage corpus); fine-tuning on up to 160 "
+                    "of the 1,464 training queries (one pass)",
+    ),
+    "paper": DemoSettings(
+        adapt_steps=2000, adapt_batch=8, adapt_lr=5e-5,
+        main_queries=1464, finetune_batch=4, group_size=8, finetune_lr=2e-5,
+        passage_max_length=128, query_max_length=32, eval_queries=None, distractors=None,
+        label_curve=[0, 64, 256, 1464], seeds=[0, 1, 2],
+    ),
+}
+
+# Rough CPU costs (2 cores, float32), from BENCHMARKS.md: seconds per token of work.
+_TRAIN_S_PER_TOKEN = 1 / 165
+_ENCODE_S_PER_TOKEN = 1 / 550
+_PROMPT_TOKENS = 25
+
+
+def finetune_runs(s: DemoSettings) -> list[tuple[int, int]]:
+    """(n training queries, seed) of every fine-tuning run per model; the main systems are the run
+    (main_queries, first seed), which the label curve reuses."""
+    runs = [(s.main_queries, s.seeds[0])]
+    runs += [(n, seed) for n in s.label_curve if n for seed in s.seeds if (n, seed) not in runs]
+    return runs
+
+
+def steps_for(n: int, s: DemoSettings) -> int:
+    """One pass over n training queries."""
+    return max(1, n // s.finetune_batch)
+
+
+def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int) -> float:
+    adapt = s.adapt_steps * s.adapt_batch * (s.passage_max_length + 2 * _PROMPT_TOKENS) * _TRAIN_S_PER_TOKEN
+    step = s.finetune_batch * (s.group_size * (s.passage_max_length + _PROMPT_TOKENS) + s.query_max_length)
+    runs = finetune_runs(s)
+    finetune = 2 * sum(steps_for(n, s) for n, _ in runs) * step * _TRAIN_S_PER_TOKEN
+    per_encode = (n_passages * (s.passage_max_length + _PROMPT_TOKENS) + n_queries * 40) * _ENCODE_S_PER_TOKEN
+    return 90 + adapt + finetune + (2 + 2 * len(runs)) * per_encode
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def build_eval_set(bbc: Path, out: Path, s: DemoSettings) -> Path:
+    """The BEIR folder every system is evaluated on: test queries (all, or the first
+    `eval_queries` by id hash) and a corpus of their passages plus `distractors` others."""
+    from .formats import read_beir, write_jsonl_rows, write_qrels
+
+    if (out / "qrels" / "test.tsv").is_file():
+        return out
+    data = read_beir(bbc, "test")
+
+    def rank(x: str) -> str:
+        return hashlib.sha1(f"demo:{x}".encode()).hexdigest()
+
+    qids = sorted(data.queries, key=rank)[: s.eval_queries or None]
+    relevant = {d for q in qids for d in data.qrels[q]}
+    others = sorted((d for d in data.corpus if d not in relevant), key=rank)
+    keep = relevant | set(others if s.distractors is None else others[: s.distractors])
+    write_jsonl_rows(out / "corpus.jsonl", ({"_id": d, **data.corpus[d]} for d in data.corpus if d in keep))
+    write_jsonl_rows(out / "queries.jsonl", ({"_id": q, "text": data.queries[q]} for q in qids))
+    write_qrels(out / "qrels" / "test.tsv", {q: data.qrels[q] for q in qids})
+    return out
+
+
+def build_adapt_corpus(wiki: Path, bbc: Path, out: Path) -> Path:
+    """Wikipedia articles plus the BBC train bodies (in-domain unlabelled text; never a
+    headline, never a dev or test article)."""
+    from .data import read_jsonl
+    from .formats import read_train, write_jsonl_rows
+
+    if out.is_file():
+        return out
+    rows = [{"id": d.id, "title": d.title, "text": d.text} for d in read_jsonl(wiki)]
+    bodies = dict.fromkeys(e.pos[0] for e in read_train(bbc / "train.jsonl"))
+    rows += [{"id": f"bbc-train-{i}", "title": "", "text": body} for i, body in enumerate(bodies)]
+    write_jsonl_rows(out, rows)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "llama2vec_config.json").is_file()
+
+
+def run_adapt(corpus: Path, out: Path, s: DemoSettings) -> Path:
+    from .adapt import adapt
+    from .config import DataConfig, ModelConfig, PretextConfig, PromptConfig, TrainConfig
+
+    if not _done(out):
+        adapt(ModelConfig(model=s.base_model), PromptConfig(query_prompt=s.query_prompt), PretextConfig(),
+              DataConfig(corpus=str(corpus), max_length=s.passage_max_length),
+              TrainConfig(output=str(out), max_steps=s.adapt_steps, batch_size=s.adapt_batch,
+                          learning_rate=s.adapt_lr, warmup_steps=max(1, s.adapt_steps // 20), logging_steps=1,
+                          save_steps=25, resume=out.exists()))
+    return out
+
+
+def run_finetune(model: str, train: Path, n: int | None, steps: int, seed: int, out: Path, s: DemoSettings) -> Path:
+    from .config import ContrastiveConfig, FinetuneTrainConfig, ModelConfig, PromptConfig
+    from .finetune import finetune
+
+    if not _done(out):
+        finetune(ModelConfig(model=model), PromptConfig(query_prompt=s.query_prompt),
+                 ContrastiveConfig(train=str(train), group_size=s.group_size, temperature=s.temperature,
+                                   query_max_length=s.query_max_length, passage_max_length=s.passage_max_length,
+                                   max_examples=n),
+                 FinetuneTrainConfig(output=str(out), max_steps=steps, batch_size=s.finetune_batch, lora=False,
+                                     learning_rate=s.finetune_lr, warmup_steps=max(1, steps // 10), seed=seed,
+                                     logging_steps=1, save_steps=25, resume=out.exists()))
+    return out
+
+
+def run_eval(system: str, data: Path, out: Path, run_file: Path | None = None, s: DemoSettings | None = None) -> dict:
+    """Metrics of a system on the eval set, cached as JSON (and its run kept for fusion)."""
+    from .config import PromptConfig
+    from .evaluate import evaluate
+
+    if out.is_file():
+        return json.loads(out.read_text())
+    if system not in ("bm25", "minilm") and not _done(Path(system)) and s is not None:
+        # A plain causal LM (no llama2vec config): give it the demo's prompt and lengths.
+        from .encoder import Llama2Vec
+        from .formats import read_beir, write_run
+        from .index import exact_search
+        from .metrics import evaluate_run
+
+        data_set = read_beir(data, "test")
+        enc = Llama2Vec.from_pretrained(system, prompt=PromptConfig(query_prompt=s.query_prompt),
+                                        max_length=s.passage_max_length, show_progress=True)
+        enc.spec.query_max_length = s.query_max_length
+        doc_ids, qids = list(data_set.corpus), list(data_set.queries)
+        run = exact_search(enc.encode_queries([data_set.queries[q] for q in qids]),
+                           enc.encode_corpus([data_set.corpus[d] for d in doc_ids]), qids, doc_ids, 1000)
+        if run_file:
+            write_run(run_file, run)
+        metrics = evaluate_run(data_set.qrels, run)
+    else:
+        metrics = evaluate(model=system, dataset=str(data), split="test", save_run=str(run_file) if run_file else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
+         settings: DemoSettings | None = None) -> dict:
+    """Run the demo; returns the report (also written to report.json). `settings` replaces the
+    preset's (tests use it to run every stage on a tiny model)."""
+    from .bbc import build_bbc
+    from .data import build_wiki
+    from .evaluate import fuse_rrf
+    from .formats import read_beir, read_run, read_train
+    from .metrics import evaluate_run, format_table
+
+    if settings is None and preset not in PRESETS:
+        raise Llama2VecError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+    s = settings or PRESETS[preset]
+    out = Path(output)
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.time()
+
+    def stage(name: str):
+        timings[name] = round(time.time() - t0 - sum(timings.values()), 1)
+
+    wiki, bbc = out / "data" / "wiki.jsonl", out / "data" / "bbc"
+    if not wiki.is_file():
+        build_wiki(wiki)
+    if not (bbc / "train.jsonl").is_file():
+        build_bbc(bbc)
+    eval_set = build_eval_set(bbc, out / "data" / "eval", s)
+    n_train = len(read_train(bbc / "train.jsonl"))
+    test = read_beir(eval_set, "test")
+    est = estimate_seconds(s, len(test.corpus), len(test.queries))
+    print(f"llama2vec demo, preset {preset}: {len(test.queries)} test queries, {len(test.corpus)} passages; "
+          f"estimated time on a 2-core CPU: about {est / 60:.0f} minutes (stages already done are skipped)")
+    stage("data")
+
+    adapted = run_adapt(build_adapt_corpus(wiki, bbc, out / "data" / "adapt_corpus.jsonl"), out / "adapted", s)
+    stage("adapt")
+
+    models = {"unadapted": s.base_model, "adapted": str(adapted)}
+    evals = out / "eval"
+
+    def finetuned(name: str, n: int, seed: int) -> Path:
+        return run_finetune(models[name], bbc / "train.jsonl", n, steps_for(n, s), seed,
+                            out / "finetuned" / f"{name}-n{n}-s{seed}", s)
+
+    def finetuned_eval(name: str, n: int, seed: int, run_file: Path | None = None) -> dict:
+        folder = finetuned(name, n, seed)
+        return run_eval(str(folder), eval_set, evals / "finetuned" / f"{name}-n{n}-s{seed}.json", run_file)
+
+    main = {name: finetuned(name, s.main_queries, s.seeds[0]) for name in models}
+    stage("finetune")
+
+    systems = {
+        "bm25": run_eval("bm25", eval_set, evals / "bm25.json", evals / "bm25.trec"),
+        "minilm": run_eval("minilm", eval_set, evals / "minilm.json"),
+        "smollm2": run_eval(s.base_model, eval_set, evals / "smollm2.json", s=s),
+        "smollm2-adapted": run_eval(str(adapted), eval_set, evals / "smollm2-adapted.json"),
+        "smollm2-finetuned": finetuned_eval("unadapted", s.main_queries, s.seeds[0]),
+        "smollm2-adapted-finetuned": finetuned_eval("adapted", s.main_queries, s.seeds[0],
+                                                    evals / "smollm2-adapted-finetuned.trec"),
+    }
+    fused = fuse_rrf([read_run(evals / "bm25.trec"), read_run(evals / "smollm2-adapted-finetuned.trec")])
+    systems["hybrid"] = evaluate_run(test.qrels, fused)
+    stage("evaluate")
+
+    curve = []
+    for n in s.label_curve:
+        point: dict = {"n": n, "seeds": len(s.seeds) if n else 1}
+        for name in models:
+            if n == 0:  # no fine-tuning: the zero-shot systems
+                scores = [systems["smollm2" if name == "unadapted" else "smollm2-adapted"]["ndcg@10"]]
+            else:
+                scores = [finetuned_eval(name, n, seed)["ndcg@10"] for seed in s.seeds]
+            point[name] = statistics.mean(scores)
+            point[f"{name}_scores"] = scores
+            point[f"{name}_spread"] = (max(scores) - min(scores)) / 2
+        curve.append(point)
+    stage("label_curve")
+
+    model_paths = {"bm25": None, "minilm": "minilm", "smollm2": s.base_model, "smollm2-adapted": str(adapted),
+                   "smollm2-finetuned": str(main["unadapted"]), "smollm2-adapted-finetuned": str(main["adapted"]),
+                   "hybrid": None}
+    report = {
+        "preset": preset,
+        "settings": {**dataclasses.asdict(s), "eval_queries": len(test.queries), "eval_passages": len(test.corpus),
+                     "train_queries_available": n_train},
+        "timings": timings,
+        "systems": {k: {"ndcg@10": v["ndcg@10"], "mrr@10": v["mrr@10"], "recall@100": v["recall@100"],
+                        "model": model_paths[k]} for k, v in systems.items()},
+        "label_curve": curve,
+    }
+    write_report(out, report, systems, format_table, main)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def write_report(out: Path, report: dict, systems: dict, format_table, main: dict[str, Path]) -> None:
+    from .plots import plot_label_curve, plot_systems, plot_training_log
+
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    charts = {"systems": plot_systems(report["systems"], out / "systems.png")}
+    if report["label_curve"]:
+        charts["label_curve"] = plot_label_curve(report["label_curve"], out / "label_curve.png")
+    charts["adapt_losses"] = plot_training_log(out / "adapted", out / "adapt_losses.png", title="Adaptation losses")
+    for name, folder in main.items():
+        charts[f"finetune_{name}"] = plot_training_log(folder, out / f"finetune_{name}_loss.png",
+                                                       parts=("loss",), title=f"Fine-tuning loss ({name})", smooth=3)
+    s = report["settings"]
+    lines = [f"# llama2vec demo: preset `{report['preset']}`", "",
+             f"BBC test protocol: {s['eval_queries']} headline queries, {s['eval_passages']} passages "
+             f"(cut to {s['passage_max_length']} tokens). Scaled down: {s['scaled_down'] or 'nothing'}.", "",
+             format_table(systems, ("ndcg@10", "mrr@10", "recall@100")), ""]
+    if report["label_curve"]:
+        lines += ["## Label curve (nDCG@10 on BBC test)", "", "| n | unadapted | adapted | seeds |",
+                  "|---|---|---|---|"]
+        lines += [f"| {p['n']} | {p['unadapted']:.3f} ± {p['unadapted_spread']:.3f} | "
+                  f"{p['adapted']:.3f} ± {p['adapted_spread']:.3f} | {p['seeds']} |" for p in report["label_curve"]]
+        lines.append("")
+    lines += ["## Timings (s)", "", " ".join(f"{k}: {v}" for k, v in report["timings"].items()), "",
+              *(f"![{k}]({Path(v).name})" for k, v in charts.items())]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:6 + len(systems)]))

@@ -1,0 +1,58 @@
+"""The demo's stages, caching and report, on a tiny model with the real bundled data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import llama2vec.demo as demo_mod
+from llama2vec.demo import PRESETS, DemoSettings, demo, estimate_seconds
+from llama2vec.encoder import Llama2Vec
+
+SYSTEMS = ["bm25", "minilm", "smollm2", "smollm2-adapted", "smollm2-finetuned", "smollm2-adapted-finetuned", "hybrid"]
+
+
+def tiny_settings(model_dir) -> DemoSettings:
+    return DemoSettings(adapt_steps=2, adapt_batch=2, adapt_lr=1e-3, main_queries=4, finetune_batch=2, group_size=2,
+                        finetune_lr=1e-3, passage_max_length=24, query_max_length=12, eval_queries=12, distractors=6,
+                        label_curve=[0, 4], seeds=[0, 1], base_model=str(model_dir), scaled_down="tiny test")
+
+
+def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    report = demo(output=str(out), settings=tiny_settings(tiny_model_dir))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert list(saved["systems"]) == SYSTEMS
+    for entry in saved["systems"].values():
+        assert set(entry) == {"ndcg@10", "mrr@10", "recall@100", "model"}
+        assert 0.0 <= entry["ndcg@10"] <= 1.0
+    assert saved["systems"]["bm25"]["model"] is None and saved["systems"]["hybrid"]["model"] is None
+    enc = Llama2Vec.from_pretrained(saved["systems"]["smollm2-adapted-finetuned"]["model"], device="cpu")
+    assert enc.encode_queries(["a headline"]).shape[0] == 1
+    assert saved["settings"]["eval_queries"] == 12 and saved["settings"]["eval_passages"] == 18
+    curve = saved["label_curve"]
+    assert [p["n"] for p in curve] == [0, 4] and curve[1]["seeds"] == 2 and len(curve[1]["adapted_scores"]) == 2
+    assert curve[1]["adapted_scores"][0] == saved["systems"]["smollm2-adapted-finetuned"]["ndcg@10"]  # reused run
+    assert curve[0]["unadapted"] == saved["systems"]["smollm2"]["ndcg@10"]
+    assert curve[0]["adapted"] == saved["systems"]["smollm2-adapted"]["ndcg@10"]
+    for name in ("report.md", "systems.png", "label_curve.png", "adapt_losses.png", "finetune_adapted_loss.png"):
+        assert (out / name).is_file(), name
+    assert "| hybrid |" in (out / "report.md").read_text()
+
+    # A second run reuses every finished stage: no training, no encoding.
+    def no_training(*args, **kwargs):
+        pytest.fail("a finished stage ran again")
+
+    monkeypatch.setattr("llama2vec.finetune.finetune", no_training)
+    monkeypatch.setattr("llama2vec.adapt.adapt", no_training)
+    monkeypatch.setattr(demo_mod, "run_eval", lambda *a, **k: json.loads(a[2].read_text()))
+    again = demo(output=str(out), settings=tiny_settings(tiny_model_dir))
+    assert again["systems"] == report["systems"]
+
+
+def test_estimates_fit_the_presets():
+    quick = PRESETS["quick"]
+    assert estimate_seconds(quick, 200, 150) < 15 * 60
+    assert estimate_seconds(PRESETS["full"], 603, 403) < 120 * 60
