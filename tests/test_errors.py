@@ -39,7 +39,9 @@ def test_missing_corpus_and_model(tiny_model_dir, tiny_corpus, tmp_path, capsys)
 
 
 def test_hub_id_that_cannot_be_reached(tiny_corpus, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
     assert adapt("no-such-org/no-such-model", tiny_corpus, tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert "cannot load the tokenizer of 'no-such-org/no-such-model'" in err and "Traceback" not in err

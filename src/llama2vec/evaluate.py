@@ -95,7 +95,7 @@ def fuse_rrf(runs: list[Run], k: int = 60, depth: int = 1000) -> Run:
     for i, run in enumerate(runs):
         r = RanxRun({q: dict(docs) for q, docs in run.items() if docs}, name=f"run{i}")
         ranx_runs.append(r)
-    fused = fuse(runs=ranx_runs, method="rrf", params={"k": k})
+    fused = fuse(runs=ranx_runs, norm=None, method="rrf", params={"k": k})
     out = fused.to_dict()
     return {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:depth]) for q, docs in out.items()}
 
