@@ -19,10 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/llama2vec data wiki --output $(DEMO_DIR)/wiki.jsonl
-	$(BIN)/llama2vec adapt --model smollm2 --corpus $(DEMO_DIR)/wiki.jsonl --output $(DEMO_DIR)/adapted \
-		--max-steps 20 --batch-size 8 --max-length 128 --learning-rate 5e-5 --warmup-steps 5 \
-		--logging-steps 2 --save-steps 10 --resume
+	$(BIN)/llama2vec demo --preset quick --output $(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=10
