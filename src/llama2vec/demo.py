@@ -228,7 +228,7 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     t0 = time.time()
 
     def stage(name: str):
-        timings[name] = round(time.time() - t0 - sum(timings.values()), 1)
+        timings[name] = round(max(0.0, time.time() - t0 - sum(timings.values())), 1)
 
     wiki, bbc = out / "data" / "wiki.jsonl", out / "data" / "bbc"
     if not wiki.is_file():
@@ -332,4 +332,5 @@ def write_report(out: Path, report: dict, systems: dict, format_table, main: dic
     lines += ["## Timings (s)", "", " ".join(f"{k}: {v}" for k, v in report["timings"].items()), "",
               *(f"![{k}]({Path(v).name})" for k, v in charts.items())]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:6 + len(systems)]))
+    print("\n".join(lines))
+    print(f"\nreport: {out / 'report.md'}")

@@ -41,10 +41,10 @@ def plot_systems(systems: dict[str, dict], output: str | Path,
         bars = ax.bar(x + i * width - 0.4 + width / 2, values, width, label=m)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(x, names, rotation=20, ha="right")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.15)
     ax.set_title("BBC test: metrics by system")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", ncol=len(metrics), frameon=False)
     return _save(fig, output)
 
 
