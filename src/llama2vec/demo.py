@@ -215,7 +215,7 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     from .data import build_wiki
     from .evaluate import fuse_rrf
     from .formats import read_beir, read_run, read_train
-    from .metrics import evaluate_run, format_table
+    from .metrics import evaluate_run
 
     if settings is None and preset not in PRESETS:
         raise Llama2VecError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
@@ -299,7 +299,7 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
                         "model": model_paths[k]} for k, v in systems.items()},
         "label_curve": curve,
     }
-    write_report(out, report, systems, format_table, main)
+    write_report(out, report, systems, main)
     return report
 
 
@@ -307,7 +307,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
 # Report
 
 
-def write_report(out: Path, report: dict, systems: dict, format_table, main: dict[str, Path]) -> None:
+def write_report(out: Path, report: dict, systems: dict, main: dict[str, Path]) -> None:
+    from .metrics import format_table
     from .plots import plot_label_curve, plot_systems, plot_training_log
 
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import Llama2VecError
 from .formats import BeirDataset, Run, passage_text, read_beir, read_qrels, read_run, write_run
-from .metrics import evaluate_run, format_table
+from .metrics import evaluate_run
 
 log = logging.getLogger(__name__)
 
@@ -138,5 +138,3 @@ def print_table(name: str, metrics: dict[str, float]) -> None:
     table.add_row(name, *(f"{v:.4f}" for v in metrics.values()))
     Console().print(table)
 
-
-__all__ = ["evaluate", "retrieve", "fuse_rrf", "load_encoder", "format_table", "print_table"]

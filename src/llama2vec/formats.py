@@ -11,7 +11,6 @@ Every reader names the file, line and field of anything wrong.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Iterable
@@ -194,8 +193,3 @@ def write_run(path: str | Path, run: Run, tag: str = "llama2vec") -> None:
         ranked = sorted(docs.items(), key=lambda kv: -kv[1])
         lines += [f"{qid} Q0 {d} {r} {s:.9g} {tag}\n" for r, (d, s) in enumerate(ranked, start=1)]
     atomic_write(Path(path), "".join(lines))
-
-
-def read_tsv_ids(path: Path) -> list[str]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        return [row[0] for row in csv.reader(fh, delimiter="\t") if row]
