@@ -165,3 +165,24 @@ def test_adapt_runs_unchanged_under_torchrun(tiny_model_dir, tiny_corpus, tmp_pa
     assert (out / "llama2vec_config.json").is_file() and (out / "checkpoints" / "checkpoint-3").is_dir()
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model, batch = pretext_setup(("the cat sat on the mat", "stock markets fell"))
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert model.is_activation_checkpointing
+        PretextModel(model, PretextWeights())(**batch)["loss"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_adapt_with_lora_and_gradient_checkpointing(tiny_model_dir, tiny_corpus, tmp_path):
+    result = run(tiny_model_dir, tiny_corpus, tmp_path / "gc", "--max-steps", "2", "--lora", "--lora-r", "4",
+                 "--gradient-checkpointing")
+    assert result["steps"] == 2 and math.isfinite(result["last"]["loss"])
+    assert (tmp_path / "gc" / "llama2vec_config.json").is_file()
