@@ -32,6 +32,11 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch):
     enc = Llama2Vec.from_pretrained(saved["systems"]["smollm2-adapted-finetuned"]["model"], device="cpu")
     assert enc.encode_queries(["a headline"]).shape[0] == 1
     assert saved["settings"]["eval_queries"] == 12 and saved["settings"]["eval_passages"] == 18
+    choice = saved["settings"]["query_prompt_choice"]  # chosen on dev, never on test
+    assert set(choice["dev_ndcg@10"]) == {"next", "self"} and choice["chosen"] == saved["settings"]["query_prompt"]
+    dev_queries = (out / "data" / "dev" / "queries.jsonl").read_text()
+    test_ids = {json.loads(line)["_id"] for line in (out / "data" / "eval" / "queries.jsonl").read_text().splitlines()}
+    assert not test_ids & {json.loads(line)["_id"] for line in dev_queries.splitlines()}
     curve = saved["label_curve"]
     assert [p["n"] for p in curve] == [0, 4] and curve[1]["seeds"] == 2 and len(curve[1]["adapted_scores"]) == 2
     assert curve[1]["adapted_scores"][0] == saved["systems"]["smollm2-adapted-finetuned"]["ndcg@10"]  # reused run

@@ -40,7 +40,7 @@ class DemoSettings:
     distractors: int | None  # passages besides the evaluated queries' own (None: the whole corpus)
     label_curve: list[int] = field(default_factory=list)  # n training queries (0 = no fine-tuning)
     seeds: list[int] = field(default_factory=lambda: [0])
-    query_prompt: str = "self"  # headlines paraphrase their article: the SELF prompt suits them
+    query_prompt: str = "auto"  # prompt for queries: next, self, or auto (the better on the dev split)
     temperature: float = 0.02
     scaled_down: str = ""
     base_model: str = "smollm2"
@@ -103,14 +103,15 @@ def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int) -> float:
 # Data
 
 
-def build_eval_set(bbc: Path, out: Path, s: DemoSettings) -> Path:
-    """The BEIR folder every system is evaluated on: test queries (all, or the first
-    `eval_queries` by id hash) and a corpus of their passages plus `distractors` others."""
+def build_eval_set(bbc: Path, out: Path, s: DemoSettings, split: str = "test") -> Path:
+    """The BEIR folder every system is evaluated on: the split's queries (all, or the first
+    `eval_queries` by id hash) and a corpus of their passages plus `distractors` others. Written
+    with the qrels as `test.tsv` whatever the split, so that every evaluation reads one name."""
     from .formats import read_beir, write_jsonl_rows, write_qrels
 
     if (out / "qrels" / "test.tsv").is_file():
         return out
-    data = read_beir(bbc, "test")
+    data = read_beir(bbc, split)
 
     def rank(x: str) -> str:
         return hashlib.sha1(f"demo:{x}".encode()).hexdigest()
@@ -153,7 +154,7 @@ def run_adapt(corpus: Path, out: Path, s: DemoSettings) -> Path:
     from .config import DataConfig, ModelConfig, PretextConfig, PromptConfig, TrainConfig
 
     if not _done(out):
-        adapt(ModelConfig(model=s.base_model), PromptConfig(query_prompt=s.query_prompt), PretextConfig(),
+        adapt(ModelConfig(model=s.base_model), PromptConfig(), PretextConfig(),
               DataConfig(corpus=str(corpus), max_length=s.passage_max_length),
               TrainConfig(output=str(out), max_steps=s.adapt_steps, batch_size=s.adapt_batch,
                           learning_rate=s.adapt_lr, warmup_steps=max(1, s.adapt_steps // 20), logging_steps=1,
@@ -176,35 +177,75 @@ def run_finetune(model: str, train: Path, n: int | None, steps: int, seed: int, 
     return out
 
 
-def run_eval(system: str, data: Path, out: Path, run_file: Path | None = None, s: DemoSettings | None = None) -> dict:
-    """Metrics of a system on the eval set, cached as JSON (and its run kept for fusion)."""
+def _dense_run(enc, data) -> dict:
+    from .index import exact_search
+
+    doc_ids, qids = list(data.corpus), list(data.queries)
+    return exact_search(enc.encode_queries([data.queries[q] for q in qids]),
+                        enc.encode_corpus([data.corpus[d] for d in doc_ids]), qids, doc_ids, 1000)
+
+
+def load_llm_encoder(system: str, s: DemoSettings):
+    """A llama2vec folder encodes as saved, except that queries take the demo's query prompt;
+    a plain causal LM gets the demo's prompt and lengths."""
     from .config import PromptConfig
-    from .evaluate import evaluate
+    from .encoder import Llama2Vec
+
+    if _done(Path(system)):
+        enc = Llama2Vec.from_pretrained(system, show_progress=True)
+    else:
+        enc = Llama2Vec.from_pretrained(system, prompt=PromptConfig(), max_length=s.passage_max_length,
+                                        show_progress=True)
+        enc.spec.query_max_length = s.query_max_length
+    enc.spec.query_task = s.query_prompt
+    return enc
+
+
+def run_eval(system: str, data: Path, out: Path, s: DemoSettings, run_file: Path | None = None) -> dict:
+    """Metrics of a system on the eval set, cached as JSON (and its run kept for fusion)."""
+    from .formats import read_beir, write_run
+    from .metrics import evaluate_run
 
     if out.is_file():
         return json.loads(out.read_text())
-    if system not in ("bm25", "minilm") and not _done(Path(system)) and s is not None:
-        # A plain causal LM (no llama2vec config): give it the demo's prompt and lengths.
-        from .encoder import Llama2Vec
-        from .formats import read_beir, write_run
-        from .index import exact_search
-        from .metrics import evaluate_run
+    data_set = read_beir(data, "test")
+    if system in ("bm25", "minilm"):
+        from .evaluate import retrieve
 
-        data_set = read_beir(data, "test")
-        enc = Llama2Vec.from_pretrained(system, prompt=PromptConfig(query_prompt=s.query_prompt),
-                                        max_length=s.passage_max_length, show_progress=True)
-        enc.spec.query_max_length = s.query_max_length
-        doc_ids, qids = list(data_set.corpus), list(data_set.queries)
-        run = exact_search(enc.encode_queries([data_set.queries[q] for q in qids]),
-                           enc.encode_corpus([data_set.corpus[d] for d in doc_ids]), qids, doc_ids, 1000)
-        if run_file:
-            write_run(run_file, run)
-        metrics = evaluate_run(data_set.qrels, run)
+        run = retrieve(system, data_set)
     else:
-        metrics = evaluate(model=system, dataset=str(data), split="test", save_run=str(run_file) if run_file else None)
+        run = _dense_run(load_llm_encoder(system, s), data_set)
+    if run_file:
+        write_run(run_file, run)
+    metrics = evaluate_run(data_set.qrels, run)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def choose_query_prompt(adapted: Path, dev: Path, out: Path, s: DemoSettings) -> dict:
+    """On the dev split (never test): the adapted model's zero-shot nDCG@10 with the NEXT and the
+    SELF prompt for queries; the better one is used for every SmolLM2 system. Cached in `out`."""
+    from .encoder import Llama2Vec
+    from .formats import read_beir
+    from .index import exact_search
+    from .metrics import evaluate_run
+
+    if out.is_file():
+        return json.loads(out.read_text())
+    data = read_beir(dev, "test")
+    enc = Llama2Vec.from_pretrained(str(adapted), show_progress=True)
+    doc_ids, qids = list(data.corpus), list(data.queries)
+    passages = enc.encode_corpus([data.corpus[d] for d in doc_ids])
+    scores = {}
+    for task in ("next", "self"):
+        enc.spec.query_task = task
+        run = exact_search(enc.encode_queries([data.queries[q] for q in qids]), passages, qids, doc_ids, 100)
+        scores[task] = evaluate_run(data.qrels, run)["ndcg@10"]
+    choice = {"dev_ndcg@10": scores, "chosen": max(scores, key=lambda t: (scores[t], t == "next"))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(choice, indent=2))
+    return choice
 
 
 def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
@@ -245,6 +286,13 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
 
     adapted = run_adapt(build_adapt_corpus(wiki, bbc, out / "data" / "adapt_corpus.jsonl"), out / "adapted", s)
     stage("adapt")
+    prompt_choice = None
+    if s.query_prompt == "auto":
+        dev = build_eval_set(bbc, out / "data" / "dev", s, split="dev")
+        prompt_choice = choose_query_prompt(adapted, dev, out / "eval" / "query_prompt_dev.json", s)
+        s = dataclasses.replace(s, query_prompt=prompt_choice["chosen"])
+        print(f"query prompt chosen on the dev split: {s.query_prompt} {prompt_choice['dev_ndcg@10']}")
+    stage("choose_query_prompt")
 
     models = {"unadapted": s.base_model, "adapted": str(adapted)}
     evals = out / "eval"
@@ -255,16 +303,16 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
 
     def finetuned_eval(name: str, n: int, seed: int, run_file: Path | None = None) -> dict:
         folder = finetuned(name, n, seed)
-        return run_eval(str(folder), eval_set, evals / "finetuned" / f"{name}-n{n}-s{seed}.json", run_file)
+        return run_eval(str(folder), eval_set, evals / "finetuned" / f"{name}-n{n}-s{seed}.json", s, run_file)
 
     main = {name: finetuned(name, s.main_queries, s.seeds[0]) for name in models}
     stage("finetune")
 
     systems = {
-        "bm25": run_eval("bm25", eval_set, evals / "bm25.json", evals / "bm25.trec"),
-        "minilm": run_eval("minilm", eval_set, evals / "minilm.json"),
-        "smollm2": run_eval(s.base_model, eval_set, evals / "smollm2.json", s=s),
-        "smollm2-adapted": run_eval(str(adapted), eval_set, evals / "smollm2-adapted.json"),
+        "bm25": run_eval("bm25", eval_set, evals / "bm25.json", s, evals / "bm25.trec"),
+        "minilm": run_eval("minilm", eval_set, evals / "minilm.json", s),
+        "smollm2": run_eval(s.base_model, eval_set, evals / "smollm2.json", s),
+        "smollm2-adapted": run_eval(str(adapted), eval_set, evals / "smollm2-adapted.json", s),
         "smollm2-finetuned": finetuned_eval("unadapted", s.main_queries, s.seeds[0]),
         "smollm2-adapted-finetuned": finetuned_eval("adapted", s.main_queries, s.seeds[0],
                                                     evals / "smollm2-adapted-finetuned.trec"),
@@ -293,7 +341,7 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     report = {
         "preset": preset,
         "settings": {**dataclasses.asdict(s), "eval_queries": len(test.queries), "eval_passages": len(test.corpus),
-                     "train_queries_available": n_train},
+                     "train_queries_available": n_train, "query_prompt_choice": prompt_choice},
         "timings": timings,
         "systems": {k: {"ndcg@10": v["ndcg@10"], "mrr@10": v["mrr@10"], "recall@100": v["recall@100"],
                         "model": model_paths[k]} for k, v in systems.items()},
