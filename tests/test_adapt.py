@@ -186,3 +186,23 @@ def test_adapt_with_lora_and_gradient_checkpointing(tiny_model_dir, tiny_corpus,
                  "--gradient-checkpointing")
     assert result["steps"] == 2 and math.isfinite(result["last"]["loss"])
     assert (tmp_path / "gc" / "llama2vec_config.json").is_file()
+
+
+def test_length_grouping_keeps_a_random_order_and_cuts_padding():
+    import numpy as np
+
+    from llama2vec.train import EpochSampler, padding_fraction
+
+    lengths = np.random.default_rng(0).integers(20, 129, size=1000)
+    plain = EpochSampler(1000, seed=1)
+    grouped = EpochSampler(1000, seed=1, lengths=lengths, batch_size=8)
+    orders = []
+    for epoch in (0, 1):
+        grouped.set_epoch(epoch)
+        orders.append(list(grouped))
+        assert sorted(orders[-1]) == list(range(1000))  # every example once
+    assert orders[0] != orders[1]
+    grouped.set_epoch(0)
+    assert list(grouped) == orders[0]  # depends only on (seed, epoch)
+    assert padding_fraction(lengths, list(plain), 8) > 0.25
+    assert padding_fraction(lengths, orders[0], 8) < 0.02

@@ -59,7 +59,8 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
         lm = apply_lora(lm, train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout, placeholder_ids)
     module = PretextModel(lm, PretextWeights(pretext_cfg.ebae_weight, pretext_cfg.ebar_weight, pretext_cfg.lm_weight))
     flat = {k: v for group in to_dict(model_cfg, pretext_cfg, data_cfg, train_cfg).values() for k, v in group.items()}
-    result = run_training(accelerator, module, dataset, collator, train_cfg, out, "adapt", flat)
+    lengths = dataset.text_lengths() if data_cfg.group_by_length else None
+    result = run_training(accelerator, module, dataset, collator, train_cfg, out, "adapt", flat, lengths=lengths)
 
     finish(accelerator, result, tokenizer, spec, out, train_cfg.gradient_checkpointing)
     result.update(pairs=len(dataset), data=dataset.meta)

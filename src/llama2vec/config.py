@@ -86,6 +86,7 @@ class DataConfig:
     chunk_tokens: int | None = opt(None, "Target tokens per chunk (default: max_length).")
     min_chunk_tokens: int = opt(16, "Chunks shorter than this are dropped.")
     max_documents: int | None = opt(None, "Read at most this many documents.")
+    group_by_length: bool = opt(True, "Batch chunks of similar length together (less padding).")
 
     def __post_init__(self) -> None:
         if self.max_length < 1:

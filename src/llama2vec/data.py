@@ -350,6 +350,10 @@ class PairDataset:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def text_lengths(self) -> np.ndarray:
+        """Tokens of the input chunk of every pair, (N,)."""
+        return (self.offsets[self.pairs + 1] - self.offsets[self.pairs]).astype(np.int64)
+
     def chunk(self, j: int) -> list[int]:
         return self.tokens[self.offsets[j]: self.offsets[j + 1]].tolist()
 

@@ -93,10 +93,17 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
 
 
 class EpochSampler(Sampler[int]):
-    """A fresh seeded permutation per epoch: the data order depends only on (seed, epoch)."""
+    """A fresh seeded permutation per epoch: the data order depends only on (seed, epoch).
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    With `lengths`, examples of similar length share batches (less padding): the permutation is
+    cut into mega-batches of `group` batches, each sorted by length and cut into batches, and the
+    batches are shuffled, so the order stays random but every batch is nearly uniform in length.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, lengths=None, batch_size: int = 1,
+                 group: int = 50):
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.lengths, self.batch_size, self.group = lengths, batch_size, group
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -108,7 +115,28 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None:
+            return iter(order)
+        size = self.batch_size * self.group
+        batches = []
+        for start in range(0, self.n, size):
+            mega = sorted(order[start: start + size], key=lambda i: -int(self.lengths[i]))
+            batches += [mega[i: i + self.batch_size] for i in range(0, len(mega), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]
+        rest = [b for b in batches if len(b) < self.batch_size]  # at most one short batch per mega-batch
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+        return iter([i for b in shuffled + rest for i in b])
+
+
+def padding_fraction(lengths, order: list[int], batch_size: int) -> float:
+    """Padded share of the token slots when `order` is cut into batches of `batch_size`."""
+    pad = slots = 0
+    for start in range(0, len(order), batch_size):
+        batch = [int(lengths[i]) for i in order[start: start + batch_size]]
+        pad += max(batch) * len(batch) - sum(batch)
+        slots += max(batch) * len(batch)
+    return pad / max(slots, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,8 +156,9 @@ def make_accelerator(cfg: TrainConfig, device: torch.device, out: Path):
 
 
 def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cfg: TrainConfig, out: Path,
-                 run_name: str, hparams: dict | None = None, shuffle: bool = True) -> dict:
-    """Train `module` (forward(**batch) -> {'loss': ..., other named parts}) on `dataset`.
+                 run_name: str, hparams: dict | None = None, shuffle: bool = True, lengths=None) -> dict:
+    """Train `module` (forward(**batch) -> {'loss': ..., other named parts}) on `dataset`; with
+    `lengths` (one per example), batches group examples of similar length.
 
     Returns a summary: steps run, resumed-from step, seconds, last logged losses.
     """
@@ -138,7 +167,7 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
     from transformers import get_linear_schedule_with_warmup
 
     set_seed(cfg.seed)
-    sampler = EpochSampler(len(dataset), cfg.seed, shuffle)
+    sampler = EpochSampler(len(dataset), cfg.seed, shuffle, lengths, cfg.batch_size)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
