@@ -251,15 +251,28 @@ def test_dense_mining_never_returns_positives(tiny_model_dir, tmp_path):
         assert set(row["neg"]) <= set(docs.values())
 
 
-def test_finetune_runs_under_torchrun(tiny_model_dir, tmp_path):
+def test_full_finetune_of_an_untied_model_runs_under_torchrun(tmp_path):
+    tok = make_tokenizer()
+    model = make_model(len(tok))
+    model.config.tie_word_embeddings = False
+    untied = type(model)(model.config).eval()  # separate LM head weights
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    model_dir = tmp_path / "untied"
+    untied.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"query": s[:20], "pos": [s], "neg": [SENTENCES[(i + 1) % 8]]}) + "\n"
                              for i, s in enumerate(SENTENCES)))
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "llama2vec", "finetune",
-           "--model", str(tiny_model_dir), "--train", str(train), "--output", str(out), "--device", "cpu",
-           "--max-steps", "2", "--batch-size", "2", "--group-size", "2", "--logging-steps", "1", "--lora-r", "4"]
+           "--model", str(model_dir), "--train", str(train), "--output", str(out), "--device", "cpu",
+           "--max-steps", "2", "--batch-size", "2", "--group-size", "2", "--logging-steps", "1", "--full"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "llama2vec_config.json").is_file()
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    from safetensors.torch import load_file
+
+    before, after = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert torch.equal(before["lm_head.weight"], after["lm_head.weight"][: before["lm_head.weight"].shape[0]])
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])

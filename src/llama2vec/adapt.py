@@ -14,7 +14,7 @@ from .errors import Llama2VecError
 from .losses import PretextModel, PretextWeights
 from .models import add_placeholder_tokens, apply_lora, load_causal_lm
 from .prompts import prompt_ids, resolve_prompt
-from .train import finish, make_accelerator, prepare_output, run_training
+from .train import finish, is_main_rank, make_accelerator, prepare_output, run_training
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,12 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
     out = prepare_output(train_cfg)
     tokenizer, lm, device = load_causal_lm(model_cfg)
     accelerator = make_accelerator(train_cfg, device, out)
+    accelerator.wait_for_everyone()  # the main process has made the output folder
     spec = resolve_prompt(prompt_cfg, data_cfg.max_length)
     placeholder_ids = add_placeholder_tokens(tokenizer, lm, spec.new_tokens())
     ids = prompt_ids(spec, tokenizer)
-    save_resolved(out / "run_config.yaml", model_cfg, prompt_cfg, pretext_cfg, data_cfg, train_cfg,
+    if is_main_rank():
+        save_resolved(out / "run_config.yaml", model_cfg, prompt_cfg, pretext_cfg, data_cfg, train_cfg,
                   extra={"command": "adapt"})
 
     chunk_tokens = data_cfg.chunk_tokens or data_cfg.max_length

@@ -27,7 +27,7 @@ from .formats import TrainExample, read_train
 from .losses import decoder_states, unwrap_lm
 from .models import add_placeholder_tokens, apply_lora, load_causal_lm, resolve_model_path
 from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
-from .train import finish, make_accelerator, prepare_output, run_training
+from .train import finish, is_main_rank, make_accelerator, prepare_output, run_training
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +179,17 @@ def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: Contrast
     placeholder_ids = add_placeholder_tokens(tokenizer, lm, spec.new_tokens())
     ids = prompt_ids(spec, tokenizer)
     accelerator = make_accelerator(train_cfg, device, out)
-    save_resolved(out / "run_config.yaml", model_cfg, prompt_cfg, con_cfg, train_cfg, extra={"command": "finetune"})
+    accelerator.wait_for_everyone()  # the main process has made the output folder
+    if is_main_rank():
+        save_resolved(out / "run_config.yaml", model_cfg, prompt_cfg, con_cfg, train_cfg, extra={"command": "finetune"})
 
     torch.manual_seed(train_cfg.seed)
     if train_cfg.gradient_checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    head = lm.get_output_embeddings()
+    if head is not None and head.weight is not lm.get_input_embeddings().weight:
+        # Embeddings never reach an untied LM head, and DDP wants every trainable weight used.
+        head.weight.requires_grad_(False)
     if train_cfg.lora:
         lm = apply_lora(lm, train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout, placeholder_ids)
     module = ContrastiveModel(lm, spec.k, spec.pooling, con_cfg.temperature, con_cfg.group_size, con_cfg.cross_device)

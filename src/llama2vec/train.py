@@ -35,11 +35,19 @@ LOG_FILE = "log.jsonl"
 # Output folder
 
 
+def is_main_rank() -> bool:
+    """True on the one process that owns the output folder (RANK is set by torchrun/accelerate)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def prepare_output(cfg: TrainConfig) -> Path:
-    """Create the output folder, refusing to reuse a non-empty one without --overwrite/--resume."""
+    """Create the output folder, refusing to reuse a non-empty one without --overwrite/--resume.
+    Only the main process checks and creates it; the others wait for it at their first barrier."""
     if not cfg.output:
         raise Llama2VecError("--output is required")
     out = Path(cfg.output)
+    if not is_main_rank():
+        return out
     if out.exists() and not out.is_dir():
         raise Llama2VecError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
