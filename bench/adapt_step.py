@@ -9,13 +9,11 @@ each figure is the median of the repeats. Results are printed and appended to BE
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
+from report import append_report, machine, markdown_table
 
 from llama2vec.collate import PretextCollator, excluded_target_ids
 from llama2vec.config import ModelConfig, PromptConfig
@@ -23,18 +21,6 @@ from llama2vec.data import chunk_ids, wiki_documents
 from llama2vec.losses import PretextModel, PretextWeights
 from llama2vec.models import add_placeholder_tokens, load_causal_lm
 from llama2vec.prompts import prompt_ids, resolve_prompt
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -117,21 +103,15 @@ def main() -> None:
                          "tokens_s": tokens / median, "mfu": flops / median / (peak * 1e9)})
         rows[-2]["speedup"] = rows[-1]["step_s"] / rows[-2]["step_s"]
 
-    header = ("| passage tokens | mode | step (s) | passage tokens/s | MFU | joint speed-up |\n"
-              "|---|---|---|---|---|---|\n")
-    table = header + "".join(
-        f"| {r['length']} | {r['mode']} | {r['step_s']:.2f} | {r['tokens_s']:.0f} | {r['mfu']:.2f} | "
-        f"{r.get('speedup', float('nan')):.2f}x |\n".replace("nanx", "") for r in rows)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    report = (f"\n## Adaptation step (SmolLM2-135M, batch {args.batch_size}, float32)\n\n"
-              f"{stamp}; `python bench/adapt_step.py --lengths {' '.join(map(str, args.lengths))} "
-              f"--batch-size {args.batch_size} --repeats {args.repeats}`; "
-              f"{machine()}; measured float32 matmul peak {peak:.0f} GFLOP/s. Median of {args.repeats} steps "
-              f"(forward, backward, AdamW) per mode, modes alternating.\n\n{table}")
-    print(report)
-    with open(args.output, "a") as fh:
-        fh.write(report)
-
+    table = markdown_table(
+        ["passage tokens", "mode", "step (s)", "passage tokens/s", "MFU", "joint speed-up"],
+        [[str(r["length"]), r["mode"], f"{r['step_s']:.2f}", f"{r['tokens_s']:.0f}", f"{r['mfu']:.2f}",
+          f"{r['speedup']:.2f}x" if "speedup" in r else ""] for r in rows])
+    append_report(args.output, f"Adaptation step (SmolLM2-135M, batch {args.batch_size}, float32)",
+                  f"python bench/adapt_step.py --lengths {' '.join(map(str, args.lengths))} "
+                  f"--batch-size {args.batch_size} --repeats {args.repeats}",
+                  f"{machine()}; measured float32 matmul peak {peak:.0f} GFLOP/s. Median of {args.repeats} steps "
+                  "(forward, backward, AdamW) per mode, modes alternating.", table)
 
 if __name__ == "__main__":
     main()

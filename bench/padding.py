@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
+from report import append_report, markdown_table
 
 from llama2vec.config import PromptConfig
 from llama2vec.data import PairDataset, build_pair_cache, build_wiki
 from llama2vec.models import load_tokenizer, resolve_model_path
 from llama2vec.prompts import prompt_ids, resolve_prompt
-from llama2vec.train import EpochSampler
-
-
-def fraction(lengths: np.ndarray, order: list[int], batch: int, fixed: int) -> float:
-    """Padding over all processed token slots; every row also carries `fixed` prompt tokens."""
-    pad = slots = 0
-    for start in range(0, len(order) - batch + 1, batch):
-        rows = lengths[order[start: start + batch]]
-        pad += int(rows.max() * batch - rows.sum())
-        slots += int((rows.max() + fixed) * batch)
-    return pad / slots
+from llama2vec.train import EpochSampler, padding_fraction
 
 
 def main() -> None:
@@ -52,20 +41,16 @@ def main() -> None:
             lengths = ds.text_lengths()
             plain = list(EpochSampler(len(ds), 0))
             grouped = list(EpochSampler(len(ds), 0, lengths=lengths, batch_size=args.batch_size))
-            rows.append((length, len(ds), lengths.mean(), fraction(lengths, plain, args.batch_size, fixed),
-                         fraction(lengths, grouped, args.batch_size, fixed)))
-    table = ("| chunk tokens | pairs | mean text tokens | padding, random batches | padding, length-grouped |\n"
-             "|---|---|---|---|---|\n" + "".join(
-                 f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1%} | {r[4]:.1%} |\n" for r in rows))
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    report = (f"\n## Padding in adaptation batches (batch {args.batch_size})\n\n{stamp}; "
-              f"`python bench/padding.py --lengths {' '.join(map(str, args.lengths))} --batch-size {args.batch_size}`; "
-              f"share of all processed token slots (text plus the {fixed} prompt tokens of the joint layout) "
-              f"that are padding, over one epoch of the Wikipedia sample's pairs.\n\n{table}")
-    print(report)
-    with open(args.output, "a") as fh:
-        fh.write(report)
-
+            rows.append((length, len(ds), lengths.mean(), padding_fraction(lengths, plain, args.batch_size, fixed),
+                         padding_fraction(lengths, grouped, args.batch_size, fixed)))
+    table = markdown_table(
+        ["chunk tokens", "pairs", "mean text tokens", "padding, random batches", "padding, length-grouped"],
+        [[str(r[0]), str(r[1]), f"{r[2]:.1f}", f"{r[3]:.1%}", f"{r[4]:.1%}"] for r in rows])
+    append_report(args.output, f"Padding in adaptation batches (batch {args.batch_size})",
+                  f"python bench/padding.py --lengths {' '.join(map(str, args.lengths))} "
+                  f"--batch-size {args.batch_size}",
+                  f"share of all processed token slots (text plus the {fixed} prompt tokens of the joint layout) "
+                  "that are padding, over one epoch of the Wikipedia sample's pairs.", table)
 
 if __name__ == "__main__":
     main()

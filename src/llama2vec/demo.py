@@ -177,14 +177,6 @@ def run_finetune(model: str, train: Path, n: int | None, steps: int, seed: int, 
     return out
 
 
-def _dense_run(enc, data) -> dict:
-    from .index import exact_search
-
-    doc_ids, qids = list(data.corpus), list(data.queries)
-    return exact_search(enc.encode_queries([data.queries[q] for q in qids]),
-                        enc.encode_corpus([data.corpus[d] for d in doc_ids]), qids, doc_ids, 1000)
-
-
 def load_llm_encoder(system: str, s: DemoSettings):
     """A llama2vec folder encodes as saved, except that queries take the demo's query prompt;
     a plain causal LM gets the demo's prompt and lengths."""
@@ -214,7 +206,9 @@ def run_eval(system: str, data: Path, out: Path, s: DemoSettings, run_file: Path
 
         run = retrieve(system, data_set)
     else:
-        run = _dense_run(load_llm_encoder(system, s), data_set)
+        from .evaluate import dense_retrieve
+
+        run = dense_retrieve(load_llm_encoder(system, s), data_set)
     if run_file:
         write_run(run_file, run)
     metrics = evaluate_run(data_set.qrels, run)

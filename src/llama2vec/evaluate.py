@@ -78,9 +78,14 @@ def retrieve(system: str, data: BeirDataset, k: int = 1000, device: str = "auto"
 
         return BM25(doc_ids, [passage_text(data.corpus[d]) for d in doc_ids]).search(
             qids, [data.queries[q] for q in qids], k)
+    return dense_retrieve(load_encoder(system, device, batch_size), data, k)
+
+
+def dense_retrieve(encoder, data: BeirDataset, k: int = 1000) -> Run:
+    """The exact top-k run of an encoder (encode_queries / encode_corpus) on `data`."""
     from .index import exact_search
 
-    encoder = load_encoder(system, device, batch_size)
+    doc_ids, qids = list(data.corpus), list(data.queries)
     passages = encoder.encode_corpus([data.corpus[d] for d in doc_ids])
     queries = encoder.encode_queries([data.queries[q] for q in qids])
     return exact_search(queries, passages, qids, doc_ids, k)

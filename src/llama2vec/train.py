@@ -137,13 +137,14 @@ class EpochSampler(Sampler[int]):
         return iter([i for b in shuffled + rest for i in b])
 
 
-def padding_fraction(lengths, order: list[int], batch_size: int) -> float:
-    """Padded share of the token slots when `order` is cut into batches of `batch_size`."""
+def padding_fraction(lengths, order: list[int], batch_size: int, fixed: int = 0) -> float:
+    """Padded share of the token slots when `order` is cut into batches of `batch_size`; every
+    row also carries `fixed` unpadded tokens (the prompt)."""
     pad = slots = 0
     for start in range(0, len(order), batch_size):
         batch = [int(lengths[i]) for i in order[start: start + batch_size]]
         pad += max(batch) * len(batch) - sum(batch)
-        slots += max(batch) * len(batch)
+        slots += (max(batch) + fixed) * len(batch)
     return pad / max(slots, 1)
 
 
