@@ -86,6 +86,7 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=False)
+    accelerator.wait_for_everyone()  # every process has written its part before the rename
     if accelerator.is_main_process:
         (tmp / "state.json").write_text(json.dumps({"step": step}))
         final = folder / f"checkpoint-{step}"
