@@ -69,3 +69,32 @@ def test_pretext_model_reports_parts_and_weights():
     assert out["loss"].item() == pytest.approx(0.05 * out["ebae"].item() + 0.05 * out["ebar"].item(), rel=1e-6)
     # A random model is near-uniform over the vocabulary: loss ~ log |V|.
     assert out["ebae"].item() == pytest.approx(math.log(tok_size), rel=0.05)
+
+
+@pytest.mark.parametrize("lm_weight", [0.0, 0.5])
+def test_placeholder_logits_equal_logits_everywhere(lm_weight):
+    """The fast path (logits only where a loss reads them) gives the plain path's losses and gradients."""
+    from llama2vec.collate import PretextCollator, excluded_target_ids
+    from llama2vec.prompts import prompt_ids
+
+    tok = make_tokenizer()
+    model = make_model(len(tok))
+    spec = resolve_prompt(PromptConfig())
+    add_placeholder_tokens(tok, model, spec.new_tokens())
+    ids = prompt_ids(spec, tok)
+    a, b = (tok(t, add_special_tokens=False)["input_ids"] for t in ("a cat sat on the mat", "the team won"))
+    batch = PretextCollator(ids, tok.pad_token_id, excluded_target_ids(tok, ids), 32, lm=lm_weight > 0)(
+        [{"text": a, "next": b}, {"text": b, "next": a}])
+    weights = PretextWeights(1.0, 1.0, lm_weight)
+    results = []
+    for everywhere in (False, True):
+        model.zero_grad()
+        out = PretextModel(model, weights, all_logits=everywhere)(**batch)
+        out["loss"].backward()
+        results.append(({k: v.item() for k, v in out.items()}, [p.grad.clone() for p in model.parameters()]))
+    (fast, fast_grads), (plain, plain_grads) = results
+    assert set(fast) == set(plain) == {"loss", "ebae", "ebar"} | ({"lm"} if lm_weight else set())
+    for key in fast:
+        assert fast[key] == pytest.approx(plain[key], abs=1e-5)
+    for g1, g2 in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)

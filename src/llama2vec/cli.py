@@ -89,7 +89,8 @@ def _encode(args: argparse.Namespace) -> None:
         ids, texts = _read_texts(args.input)
     else:
         raise Llama2VecError("give --dataset DIR or --input FILE")
-    encoder = Llama2Vec.from_pretrained(args.model, device=args.device, batch_size=args.batch_size)
+    encoder = Llama2Vec.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
+                                        backend=args.backend)
     task = "self" if args.what == "corpus" else encoder.spec.query_task
     out = encode_to_folder(encoder, ids, texts, args.output, task, args.shard_size, args.dtype)
     print(f"wrote {len(ids)} embeddings to {out}")
@@ -122,7 +123,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, print_table
 
     metrics = evaluate(args.output, args.run, args.qrels, args.model, args.dataset, args.split, args.k, args.fuse,
-                       args.save_run, args.device, args.batch_size)
+                       args.save_run, args.device, args.batch_size, args.backend)
     name = args.model or args.run
     print_table(name + (f" + {args.fuse} (RRF)" if args.fuse else ""), metrics)
 
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=1024, help="Texts per shard (the unit of resuming).")
     p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["torch", "onnx-int8", "onnx"], default="torch",
+                   help="onnx-int8: CPU encoding with int8 weights through ONNX Runtime (exported once, cached).")
     p.set_defaults(func=_encode)
 
     p = sub.add_parser("index", help="Build a FAISS index from an embeddings folder.")
@@ -224,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="Metrics JSON to write.")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--backend", choices=["torch", "onnx-int8", "onnx"], default="torch",
+                   help="onnx-int8: CPU encoding with int8 weights through ONNX Runtime (exported once, cached).")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("demo", help="The main job: test the paper's claim end to end on the embedded defaults.")

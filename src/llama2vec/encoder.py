@@ -23,9 +23,11 @@ from .errors import Llama2VecError
 from .formats import passage_text
 from .losses import decoder_states, unwrap_lm
 from .models import add_placeholder_tokens, load_causal_lm, resolve_model_path
+from .onnx_int8 import OnnxDecoder, cached_export
 from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
 
 log = logging.getLogger(__name__)
+BACKENDS = ("torch", "onnx-int8", "onnx")
 
 
 def pool(states: torch.Tensor, how: str) -> torch.Tensor:
@@ -34,30 +36,45 @@ def pool(states: torch.Tensor, how: str) -> torch.Tensor:
     return torch.nn.functional.normalize(emb.float(), dim=-1)
 
 
-def embed_ids(model, ids: PromptIds, rows: list[list[int]], task: str, pad_id: int, pooling: str) -> torch.Tensor:
+def embed_ids(model, ids: PromptIds, rows: list[list[int]], task: str, pad_id: int, pooling: str,
+              onnx: OnnxDecoder | None = None) -> torch.Tensor:
     """Embeddings (B, H) of tokenised texts (prompt not yet added) for task 'self' or 'next'.
-    Differentiable: the contrastive trainer calls it too."""
-    device = next(model.parameters()).device
+    Differentiable: the contrastive trainer calls it too. With `onnx`, ONNX Runtime runs the decoder."""
     input_ids, mask, positions = left_pad([ids.wrap(r, task) for r in rows], pad_id)  # (B, L) each
+    if onnx is not None:
+        return pool(onnx(input_ids, mask, positions), pooling)
+    device = next(model.parameters()).device
     states = decoder_states(unwrap_lm(model), input_ids.to(device), positions.to(device), mask.to(device))
     return pool(states[:, -ids.k:], pooling)  # the K embedding tokens close every row
 
 
 class Llama2Vec:
     """A retrieval encoder around a causal LM. `encode_queries` and `encode_corpus` return
-    (N, H) float32 L2-normalised arrays, the interface BEIR- and MTEB-style evaluators call."""
+    (N, H) float32 L2-normalised arrays, the interface BEIR- and MTEB-style evaluators call.
 
-    def __init__(self, model, tokenizer, spec: PromptSpec, batch_size: int = 16, show_progress: bool = False):
+    `onnx`: an `OnnxDecoder` that runs the decoder instead of torch (see `from_pretrained`'s
+    backend)."""
+
+    def __init__(self, model, tokenizer, spec: PromptSpec, batch_size: int = 16, show_progress: bool = False,
+                 onnx: OnnxDecoder | None = None):
         self.model, self.tokenizer, self.spec = model.eval(), tokenizer, spec
         self.ids = prompt_ids(spec, tokenizer)
-        self.batch_size, self.show_progress = batch_size, show_progress
+        self.batch_size, self.show_progress, self.onnx = batch_size, show_progress, onnx
 
     @classmethod
     def from_pretrained(cls, name: str, device: str = "auto", dtype: str = "auto", prompt: PromptConfig | None = None,
-                        max_length: int = 128, attn_implementation: str = "sdpa", **kwargs) -> Llama2Vec:
+                        max_length: int = 128, attn_implementation: str = "sdpa", backend: str = "torch",
+                        **kwargs) -> Llama2Vec:
         """Open a llama2vec model folder (its llama2vec_config.json says how to encode), or any
-        causal LM (hub id, folder, 'smollm2') with the prompt of `prompt` (default: llara)."""
+        causal LM (hub id, folder, 'smollm2') with the prompt of `prompt` (default: llara).
+
+        backend: 'torch'; 'onnx-int8' (CPU: int8 weights through ONNX Runtime, exported once and
+        cached); or 'onnx' (the same export in float32, for checking the export itself)."""
+        if backend not in BACKENDS:
+            raise Llama2VecError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         path = resolve_model_path(name)
+        if backend != "torch":
+            device, dtype = "cpu", "float32"  # the export starts from the float32 CPU model
         cfg = ModelConfig(model=name, device=device, dtype=dtype, attn_implementation=attn_implementation)
         tokenizer, model, _ = load_causal_lm(cfg, path)
         if (Path(path) / CONFIG_NAME).is_file() and prompt is None:
@@ -65,6 +82,11 @@ class Llama2Vec:
         else:
             spec = resolve_prompt(prompt or PromptConfig(), max_length)
         add_placeholder_tokens(tokenizer, model, spec.new_tokens())
+        if backend != "torch":
+            k = prompt_ids(spec, tokenizer).k
+            onnx_path = cached_export(path, unwrap_lm(model).base_model, k, tokenizer.pad_token_id,
+                                      quantise=backend == "onnx-int8", tokens=spec.new_tokens())
+            kwargs["onnx"] = OnnxDecoder(onnx_path)
         return cls(model, tokenizer, spec, **kwargs)
 
     @property
@@ -86,7 +108,7 @@ class Llama2Vec:
         for start in tqdm(range(0, len(order), batch_size), desc=f"encoding ({task})", unit="batch",
                           disable=not self.show_progress):
             idx = order[start: start + batch_size]
-            emb = embed_ids(self.model, self.ids, [rows[i] for i in idx], task, pad, self.spec.pooling)
+            emb = embed_ids(self.model, self.ids, [rows[i] for i in idx], task, pad, self.spec.pooling, self.onnx)
             out[idx] = emb.cpu().numpy()
         return out
 

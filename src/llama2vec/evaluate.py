@@ -56,8 +56,9 @@ class SentenceTransformerEncoder:
         return self._encode([passage_text(c) if isinstance(c, dict) else c for c in corpus], batch_size)
 
 
-def load_encoder(name: str, device: str = "auto", batch_size: int = 16):
-    """A sentence-transformers folder ('minilm': the bundled one) or a Llama2Vec model."""
+def load_encoder(name: str, device: str = "auto", batch_size: int = 16, backend: str = "torch"):
+    """A sentence-transformers folder ('minilm': the bundled one) or a Llama2Vec model (run by
+    `backend`, see `Llama2Vec.from_pretrained`)."""
     if name == MINILM:
         name = minilm_folder()
     if is_sentence_transformer(name):
@@ -67,10 +68,11 @@ def load_encoder(name: str, device: str = "auto", batch_size: int = 16):
         return SentenceTransformerEncoder(name, dev, batch_size)
     from .encoder import Llama2Vec
 
-    return Llama2Vec.from_pretrained(name, device=device, batch_size=batch_size, show_progress=True)
+    return Llama2Vec.from_pretrained(name, device=device, batch_size=batch_size, show_progress=True, backend=backend)
 
 
-def retrieve(system: str, data: BeirDataset, k: int = 1000, device: str = "auto", batch_size: int = 16) -> Run:
+def retrieve(system: str, data: BeirDataset, k: int = 1000, device: str = "auto", batch_size: int = 16,
+             backend: str = "torch") -> Run:
     """The top-k run of `system` on the queries of `data`."""
     doc_ids, qids = list(data.corpus), list(data.queries)
     if system == "bm25":
@@ -78,7 +80,7 @@ def retrieve(system: str, data: BeirDataset, k: int = 1000, device: str = "auto"
 
         return BM25(doc_ids, [passage_text(data.corpus[d]) for d in doc_ids]).search(
             qids, [data.queries[q] for q in qids], k)
-    return dense_retrieve(load_encoder(system, device, batch_size), data, k)
+    return dense_retrieve(load_encoder(system, device, batch_size, backend), data, k)
 
 
 def dense_retrieve(encoder, data: BeirDataset, k: int = 1000) -> Run:
@@ -107,7 +109,8 @@ def fuse_rrf(runs: list[Run], k: int = 60, depth: int = 1000) -> Run:
 
 def evaluate(output: str | None = None, run: str | None = None, qrels: str | None = None, model: str | None = None,
              dataset: str | None = None, split: str = "test", k: int = 1000, fuse: str | None = None,
-             save_run: str | None = None, device: str = "auto", batch_size: int = 16) -> dict[str, float]:
+             save_run: str | None = None, device: str = "auto", batch_size: int = 16,
+             backend: str = "torch") -> dict[str, float]:
     """Metrics of a run file against qrels, or of `model` on `dataset`/`split`. Writes them as
     JSON to `output` when given; `save_run` keeps the system's TREC run."""
     if run is not None:
@@ -119,7 +122,7 @@ def evaluate(output: str | None = None, run: str | None = None, qrels: str | Non
             raise Llama2VecError("give --run and --qrels, or --model and --dataset")
         data = read_beir(dataset, split)
         gold = data.qrels
-        result_run = retrieve(model, data, k, device, batch_size)
+        result_run = retrieve(model, data, k, device, batch_size, backend)
         if fuse:
             result_run = fuse_rrf([result_run, retrieve(fuse, data, k, device, batch_size)], depth=k)
     if save_run:

@@ -59,15 +59,22 @@ class PretextModel(nn.Module):
     """Wraps a causal LM (or its PEFT wrapper); forward(batch) -> dict of losses.
 
     Returns loss (the weighted total), ebae, ebar and, when its weight is on, lm; each a scalar.
+    Logits are computed only at the 2K placeholder positions (and at the text when the LM loss is
+    on). `all_logits=True` is the plain path instead: the stock forward computes logits at every
+    position and the placeholders' rows are picked from them. Same losses, far more memory; it is
+    kept for the memory benchmark and the equivalence test.
     """
 
-    def __init__(self, model: nn.Module, weights: PretextWeights):
+    def __init__(self, model: nn.Module, weights: PretextWeights, all_logits: bool = False):
         super().__init__()
         self.model = model
         self.weights = weights
+        self.all_logits = all_logits
 
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
         lm = unwrap_lm(self.model)
+        if self.all_logits:
+            return self._plain(lm, batch)
         head = lm.get_output_embeddings()
         dtype = head.weight.dtype
         if "allowed" in batch:  # joint pass
@@ -83,8 +90,21 @@ class PretextModel(nn.Module):
             self_states, next_states = s[:, batch["self_positions"]], n[:, batch["next_positions"]]
             width = batch["lm_labels"].shape[1] if "lm_labels" in batch else 0
             text_states, text_ids = s[:, :width], batch["self_input_ids"][:, :width]
-        k = self_states.shape[1]
         logits = head(torch.cat([self_states, next_states], dim=1))  # (B, 2K, V): the only logits
+        lm_logits = head(text_states[:, :-1]) if self.weights.lm > 0 else None
+        return self._losses(batch, logits, lm_logits, text_ids)
+
+    def _plain(self, lm: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "allowed" not in batch:
+            raise ValueError("all_logits is implemented for the joint layout only")
+        logits = lm(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                    attention_mask=additive_mask(batch["allowed"], lm.get_output_embeddings().weight.dtype)).logits
+        width = int(batch["text_length"])
+        placeholders = torch.cat([batch["self_positions"], batch["next_positions"]])
+        return self._losses(batch, logits[:, placeholders], logits[:, : width - 1], batch["input_ids"][:, :width])
+
+    def _losses(self, batch, logits, lm_logits, text_ids) -> dict[str, torch.Tensor]:
+        k = logits.shape[1] // 2
         ebae = bow_loss(logits[:, :k], batch["ebae_targets"], batch["ebae_mask"]).mean()
         ebar = bow_loss(logits[:, k:], batch["ebar_targets"], batch["ebar_mask"]).mean()
         out = {"ebae": ebae, "ebar": ebar}
@@ -92,7 +112,7 @@ class PretextModel(nn.Module):
         if self.weights.lm > 0:
             labels = batch["lm_labels"]  # (B, Lt): T's ids, -100 elsewhere
             assert labels.shape[1] == text_ids.shape[1]
-            lm_logits = head(text_states[:, :-1]).float()  # (B, Lt-1, V)
+            lm_logits = lm_logits.float()  # (B, Lt-1, V)
             out["lm"] = F.cross_entropy(lm_logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
             total = total + self.weights.lm * out["lm"]
         out["loss"] = total

@@ -1,0 +1,129 @@
+"""Reduced-precision CPU encoding: the decoder exported to ONNX, its linear layers' weights
+quantised to 8 bits in blocks along the input dimension (ONNX Runtime's MatMulNBits, one scale per
+block of `BLOCK` weights), and run by ONNX Runtime with int8 arithmetic (accuracy level 4: the
+activations are quantised per block at run time too, so one outlier feature does not cost the
+precision of a whole row). Attention products, norms and the embedding table stay float32.
+
+`Llama2Vec.from_pretrained(..., backend="onnx-int8")` and `llama2vec encode/evaluate --backend
+onnx-int8` use it. The export is made once per model folder and prompt length K and cached under
+the llama2vec cache (see `models.cache_dir`), written to a temporary name and renamed, so a killed
+export leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import Llama2VecError
+from .models import cache_dir
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 2  # bump when the exported graph or the quantisation recipe changes
+BITS, BLOCK = 8, 128
+
+
+class _LastStates(torch.nn.Module):
+    """Decoder forward -> the last K hidden states (B, K, H): all that pooling reads."""
+
+    def __init__(self, decoder: torch.nn.Module, k: int):
+        super().__init__()
+        self.decoder, self.k = decoder, k
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False)
+        return out.last_hidden_state[:, -self.k:]
+
+
+def weight_matmuls(path: Path) -> list[str]:
+    """Names of the MatMul nodes that multiply by a weight (an initializer): the linear layers.
+    The attention products (activation x activation) stay in float32."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
+
+
+def export(decoder: torch.nn.Module, k: int, pad_id: int, output: Path, quantise: bool = True) -> Path:
+    """Export `decoder` (a Hugging Face base model, float32, CPU) to `output` (an .onnx file),
+    int8-quantised unless `quantise` is False. Atomic: the file appears only when finished."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    module = _LastStates(decoder.float().cpu().eval(), k)
+    # Two rows of different lengths (left-padded) so that neither dimension is specialised.
+    ids = torch.full((2, 12), pad_id, dtype=torch.long)
+    ids[:, 4:] = 7
+    ids[1, 4:] = 11
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    dims = {name: {0: batch, 1: length} for name in ("input_ids", "attention_mask", "position_ids")}
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
+        plain = Path(tmp) / "model-fp32.onnx"
+        with torch.no_grad():
+            torch.onnx.export(module, (ids, mask, positions), str(plain), dynamo=True, dynamic_shapes=dims,
+                              input_names=list(dims), output_names=["states"], external_data=False, verbose=False)
+        final = plain
+        if quantise:
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import (
+                DefaultWeightOnlyQuantConfig,
+                MatMulNBitsQuantizer,
+            )
+
+            final = Path(tmp) / "model-int8.onnx"
+            logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+            recipe = dict(bits=BITS, block_size=BLOCK, is_symmetric=True, accuracy_level=4)
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(plain)), nodes_to_include=weight_matmuls(plain),
+                                             algo_config=DefaultWeightOnlyQuantConfig(**recipe), **recipe)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(final), use_external_data_format=False)
+        os.replace(final, output)
+    return output
+
+
+def cached_export(model_path: str, decoder: torch.nn.Module, k: int, pad_id: int, quantise: bool = True,
+                  tokens: list[str] | None = None) -> Path:
+    """The cached export of the model folder `model_path` (keyed on its weights' names, sizes and
+    modification times, the placeholder `tokens` added to it, K and the recipe), exported on first use."""
+    folder = Path(model_path)
+    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(folder.glob("*.safetensors"))]
+    key = json.dumps([str(folder.resolve()), stamp, tokens or [], k, quantise, FORMAT_VERSION])
+    path = cache_dir() / "onnx" / hashlib.sha256(key.encode()).hexdigest()[:16] / "model.onnx"
+    if not path.is_file():
+        log.info("exporting %s to ONNX%s (once): %s", model_path, " int8" if quantise else "", path)
+        try:
+            export(decoder, k, pad_id, path, quantise)
+        except Exception as err:  # the exporter's own errors are long; name the step that failed
+            shutil.rmtree(path.parent, ignore_errors=True)
+            raise Llama2VecError(f"{model_path}: ONNX export failed: {err}") from err
+    return path
+
+
+class OnnxDecoder:
+    """Callable like `decoder_states` restricted to the last K positions, run by ONNX Runtime."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = path
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
+                 "position_ids": position_ids.numpy()}
+        return torch.from_numpy(np.asarray(self.session.run(None, feeds)[0]))
