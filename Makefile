@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
 bench: $(STAMP)
-	$(BIN)/python -m llama2vec.bench
+	$(BIN)/python bench/suite.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

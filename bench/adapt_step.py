@@ -23,18 +23,6 @@ from llama2vec.models import add_placeholder_tokens, load_causal_lm
 from llama2vec.prompts import prompt_ids, resolve_prompt
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Float32 matrix-product GFLOP/s through torch, median of repeats."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
 def passages(tok, length: int, count: int) -> list[list[int]]:
     """`count` real Wikipedia windows of exactly `length` tokens."""
     out = []
@@ -58,7 +46,58 @@ def step_flops(model, batch_tokens: int, seq_len: int, passes: int) -> float:
     return passes * batch_tokens * (6 * n + attn)
 
 
+def measure(lengths: list[int], batch_size: int, repeats: int, peak: float, device: str = "cpu") -> list[dict]:
+    """Joint and two-pass steps side by side, alternating; median step time, tokens/s and MFU."""
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    tok, model, _ = load_causal_lm(ModelConfig(device=device, dtype=dtype))
+    spec = resolve_prompt(PromptConfig())
+    add_placeholder_tokens(tok, model, spec.new_tokens())
+    ids = prompt_ids(spec, tok)
+    excluded = excluded_target_ids(tok, ids)
+    model.train()
+    module = PretextModel(model, PretextWeights())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    suffix = len(ids.bos + ids.prefix) + len(ids.self_suffix)
+
+    rows = []
+    for length in lengths:
+        texts = passages(tok, length, batch_size + 1)
+        examples = [{"text": texts[i], "next": texts[i + 1]} for i in range(batch_size)]
+        batches = {}
+        for joint in (True, False):
+            batch = PretextCollator(ids, tok.pad_token_id, excluded, length, joint=joint)(examples)
+            batches[joint] = {k: v.to(device) for k, v in batch.items()}
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(repeats + 1):  # the first round warms up
+            for joint in (True, False):
+                sync(device)
+                t = time.perf_counter()
+                out = module(**batches[joint])
+                out["loss"].backward()
+                opt.step()
+                opt.zero_grad()
+                sync(device)
+                if r:
+                    times[joint].append(time.perf_counter() - t)
+        tokens = batch_size * length
+        for joint in (True, False):
+            median = statistics.median(times[joint])
+            # Useful work: one pass over T plus both suffixes (joint) or T twice (two passes).
+            flops = step_flops(model, batch_size * (length + suffix), length + suffix, 1 if joint else 2)
+            rows.append({"length": length, "mode": "joint" if joint else "two passes", "step_s": median,
+                         "tokens_s": tokens / median, "mfu": flops / median / (peak * 1e9)})
+        rows[-2]["speedup"] = rows[-1]["step_s"] / rows[-2]["step_s"]
+    return rows
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def main() -> None:
+    from suite import matmul_peak
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--batch-size", type=int, default=8)
@@ -67,42 +106,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    tok, model, _ = load_causal_lm(ModelConfig(device="cpu"))
-    spec = resolve_prompt(PromptConfig())
-    add_placeholder_tokens(tok, model, spec.new_tokens())
-    ids = prompt_ids(spec, tok)
-    excluded = excluded_target_ids(tok, ids)
-    model.train()
-    module = PretextModel(model, PretextWeights())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     peak = matmul_peak()
-    suffix = len(ids.bos + ids.prefix) + len(ids.self_suffix)
-
-    rows = []
-    for length in args.lengths:
-        texts = passages(tok, length, args.batch_size + 1)
-        examples = [{"text": texts[i], "next": texts[i + 1]} for i in range(args.batch_size)]
-        batches = {joint: PretextCollator(ids, tok.pad_token_id, excluded, length, joint=joint)(examples)
-                   for joint in (True, False)}
-        times: dict[bool, list[float]] = {True: [], False: []}
-        for r in range(args.repeats + 1):  # the first round warms up
-            for joint in (True, False):
-                t = time.perf_counter()
-                out = module(**batches[joint])
-                out["loss"].backward()
-                opt.step()
-                opt.zero_grad()
-                if r:
-                    times[joint].append(time.perf_counter() - t)
-        tokens = args.batch_size * length
-        for joint in (True, False):
-            median = statistics.median(times[joint])
-            # Useful work: one pass over T plus both suffixes (joint) or T twice (two passes).
-            flops = step_flops(model, args.batch_size * (length + suffix), length + suffix, 1 if joint else 2)
-            rows.append({"length": length, "mode": "joint" if joint else "two passes", "step_s": median,
-                         "tokens_s": tokens / median, "mfu": flops / median / (peak * 1e9)})
-        rows[-2]["speedup"] = rows[-1]["step_s"] / rows[-2]["step_s"]
-
+    rows = measure(args.lengths, args.batch_size, args.repeats, peak)
     table = markdown_table(
         ["passage tokens", "mode", "step (s)", "passage tokens/s", "MFU", "joint speed-up"],
         [[str(r["length"]), r["mode"], f"{r['step_s']:.2f}", f"{r['tokens_s']:.0f}", f"{r['mfu']:.2f}",
@@ -112,6 +117,7 @@ def main() -> None:
                   f"--batch-size {args.batch_size} --repeats {args.repeats}",
                   f"{machine()}; measured float32 matmul peak {peak:.0f} GFLOP/s. Median of {args.repeats} steps "
                   "(forward, backward, AdamW) per mode, modes alternating.", table)
+
 
 if __name__ == "__main__":
     main()

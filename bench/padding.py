@@ -19,15 +19,9 @@ from llama2vec.prompts import prompt_ids, resolve_prompt
 from llama2vec.train import EpochSampler, padding_fraction
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--output", default="BENCHMARKS.md")
-    args = parser.parse_args()
-
+def measure(lengths: list[int], batch_size: int) -> tuple[list[tuple], int]:
+    """([(chunk tokens, pairs, mean text tokens, padding random, padding grouped)], prompt tokens)."""
     tok = load_tokenizer(resolve_model_path("smollm2"))
-
     spec = resolve_prompt(PromptConfig())
     tok.add_special_tokens({"additional_special_tokens": spec.new_tokens()}, replace_extra_special_tokens=False)
     ids = prompt_ids(spec, tok)
@@ -36,13 +30,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "wiki.jsonl"
         build_wiki(corpus)
-        for length in args.lengths:
+        for length in lengths:
             ds = PairDataset(build_pair_cache(corpus, tok, Path(tmp) / f"c{length}", length))
-            lengths = ds.text_lengths()
+            text_lengths = ds.text_lengths()
             plain = list(EpochSampler(len(ds), 0))
-            grouped = list(EpochSampler(len(ds), 0, lengths=lengths, batch_size=args.batch_size))
-            rows.append((length, len(ds), lengths.mean(), padding_fraction(lengths, plain, args.batch_size, fixed),
-                         padding_fraction(lengths, grouped, args.batch_size, fixed)))
+            grouped = list(EpochSampler(len(ds), 0, lengths=text_lengths, batch_size=batch_size))
+            rows.append((length, len(ds), text_lengths.mean(),
+                         padding_fraction(text_lengths, plain, batch_size, fixed),
+                         padding_fraction(text_lengths, grouped, batch_size, fixed)))
+    return rows, fixed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--output", default="BENCHMARKS.md")
+    args = parser.parse_args()
+
+    rows, fixed = measure(args.lengths, args.batch_size)
     table = markdown_table(
         ["chunk tokens", "pairs", "mean text tokens", "padding, random batches", "padding, length-grouped"],
         [[str(r[0]), str(r[1]), f"{r[2]:.1f}", f"{r[3]:.1%}", f"{r[4]:.1%}"] for r in rows])
@@ -51,6 +57,7 @@ def main() -> None:
                   f"--batch-size {args.batch_size}",
                   f"share of all processed token slots (text plus the {fixed} prompt tokens of the joint layout) "
                   "that are padding, over one epoch of the Wikipedia sample's pairs.", table)
+
 
 if __name__ == "__main__":
     main()

@@ -7,9 +7,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     import torch
 
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     cpu = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
