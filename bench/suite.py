@@ -167,9 +167,9 @@ def sentence_transformer(folder: str, device: str, max_length: int):
     from sentence_transformers import SentenceTransformer, models
 
     # Plain text in, no chat template: the same tokens as the other systems.
+    text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
     word = models.Transformer(folder, max_seq_length=max_length, model_kwargs={"dtype": dtype_of(device)},
-                              modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
-                              module_output_name="token_embeddings")
+                              modality_config=text_only, module_output_name="token_embeddings")
     word.tokenizer.padding_side = "right"
     pooling = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="lasttoken")
     return SentenceTransformer(modules=[word, pooling], device=device)
@@ -248,7 +248,9 @@ def probe(kind: str, length: int, batch: int) -> dict:
     spec = resolve_prompt(PromptConfig(), length)
     add_placeholder_tokens(tok, model, spec.new_tokens())
     ids = prompt_ids(spec, tok)
-    rows = [r[:length] for r in tok(bbc_texts(4 * batch), add_special_tokens=False)["input_ids"] if len(r) >= length]
+    from adapt_step import passages
+
+    rows = passages(tok, length, 4 * batch)  # real Wikipedia windows of exactly `length` tokens
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if kind.startswith("adapt"):
         batch_rows = rows[: batch + 1]
@@ -399,7 +401,13 @@ def main() -> None:
     for name in args.only:
         if name in runners:
             print(f"[{time.time() - start:.0f}s] {name} ...", flush=True)
-            sections.append(runners[name](args, peak))
+            try:
+                section = runners[name](args, peak)
+            except Exception as err:  # one broken benchmark must not lose the others' figures
+                section = Section(name, f"FAILED: {type(err).__name__}: {err}", ["error"], [[str(err)[:200]]])
+            sections.append(section)
+            print(f"### {section.title}\n\n{section.description}\n\n{markdown_table(section.header, section.rows)}",
+                  flush=True)
     checks = [c for s in sections for c in s.checks]
     summary = markdown_table(["figure", "measured", "target", "met"],
                              [[f, v, t, "" if m is None else ("yes" if m else "NO")] for f, v, t, m in checks])

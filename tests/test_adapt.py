@@ -47,8 +47,10 @@ def test_adapt_full_writes_a_model_that_reloads_identically(tiny_model_dir, tiny
 
     out = tmp_path / "adapted"
     before = load_file(tiny_model_dir / "model.safetensors")
-    result = run(tiny_model_dir, tiny_corpus, out, "--max-steps", "4", "--save-steps", "2", "--full")
+    result = run(tiny_model_dir, tiny_corpus, out, "--max-steps", "4", "--save-steps", "1", "--full",
+                 "--save-total-limit", "2")
     assert result["steps"] == 4 and result["pairs"] > 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "llama2vec_config.json", "run_config.yaml",
                  "log.jsonl", "checkpoints/checkpoint-4/state.json"):
         assert (out / name).is_file(), name

@@ -93,7 +93,12 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in complete_checkpoints(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed first: a deletion killed half-way must not leave a folder that looks complete.
+            doomed = old.with_name(f"deleting-{old.name}")
+            old.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        for stale in folder.glob("deleting-checkpoint-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
