@@ -66,6 +66,12 @@ def matmul_peak(device: str = "cpu", dtype=torch.float32, n: int = 2048, repeats
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def non_embedding_params(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and "lm_head" not in name)
 
@@ -202,15 +208,21 @@ def bench_encode(args, peak: float) -> Section:
             enc = Llama2Vec.from_pretrained("smollm2", backend=backend, prompt=PromptConfig(prompt_preset="paper"),
                                             max_length=args.encode_length, batch_size=args.encode_batch)
             systems[f"llama2vec, backend {backend}"] = lambda idx, e=enc: e.encode_corpus([texts[i] for i in idx])
-    results, embeddings = {}, {}
-    everything = list(range(len(texts)))
-    for name, run in systems.items():
-        run(everything[: args.encode_batch])  # warm-up: one batch
-        sync(args.device)
-        t = time.perf_counter()
-        embeddings[name] = run(everything)
-        sync(args.device)
-        results[name] = time.perf_counter() - t
+    # Two rounds over the two halves of the passages, the systems in one order then the reverse, so
+    # that no system gains from its place in the run; each system's time is the sum of its rounds.
+    results = dict.fromkeys(systems, 0.0)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in systems}
+    half = len(texts) // 2
+    for run in systems.values():
+        run(list(range(args.encode_batch)))  # warm-up: one batch
+    for r, idx in enumerate((list(range(half)), list(range(half, len(texts))))):
+        for name in (list(systems) if r == 0 else list(reversed(systems))):
+            sync(args.device)
+            t = time.perf_counter()
+            parts[name].append(systems[name](idx))
+            sync(args.device)
+            results[name] += time.perf_counter() - t
+    embeddings = {name: np.concatenate(p) for name, p in parts.items()}
     base = "llama2vec (length-sorted)"
     table = []
     for name, secs in results.items():
@@ -226,14 +238,24 @@ def bench_encode(args, peak: float) -> Section:
         checks.append(("onnx-int8 vs float32 passages/s", f"{speed:.2f}x", ">= 1.5x", speed >= 1.5))
     return Section(f"Encoding {len(texts)} BBC passages with SmolLM2 ({args.dtype_name}, batch {args.encode_batch})",
                    f"passages cut to {args.encode_length} tokens, paper prompt (K=1, last-token pooling) so that every "
-                   f"tool pools the same way; {sum(lengths)} tokens with the prompt; one timed pass each, in this "
-                   "order. MFU: forward FLOPs of the real (unpadded) tokens / time / peak. 'time ratio' is the time "
+                   f"tool pools the same way; {sum(lengths)} tokens with the prompt; two timed rounds (half the "
+                   "passages each, the systems in one order then the reverse), times summed. MFU: forward FLOPs of "
+                   "the real (unpadded) tokens / time / peak. 'time ratio' is the time "
                    "over llama2vec's; 'cosine' the mean cosine with llama2vec's embeddings (the same model and "
                    "inputs).", ["system", "time (s)", "passages/s", "MFU", "time ratio", "cosine"], table, checks)
 
 
 # --------------------------------------------------------------------------------------------
 # 4. Memory (each probe in a fresh process: peak resident memory is per process)
+
+
+def high_water_mb() -> float:
+    """This process's peak resident memory (VmHWM). Unlike getrusage's ru_maxrss, it restarts at exec,
+    so a probe started from a large parent does not inherit the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def probe(kind: str, length: int, batch: int) -> dict:
@@ -251,7 +273,7 @@ def probe(kind: str, length: int, batch: int) -> dict:
     from adapt_step import passages
 
     rows = passages(tok, length, 4 * batch)  # real Wikipedia windows of exactly `length` tokens
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = high_water_mb()
     if kind.startswith("adapt"):
         batch_rows = rows[: batch + 1]
         examples = [{"text": batch_rows[i], "next": batch_rows[i + 1]} for i in range(batch)]
@@ -263,7 +285,7 @@ def probe(kind: str, length: int, batch: int) -> dict:
         from llama2vec.encoder import Llama2Vec
 
         Llama2Vec(model, tok, spec, batch_size=batch).encode_ids(rows[: 4 * batch], "self")
-    return {"loaded_mb": loaded, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"loaded_mb": loaded, "peak_mb": high_water_mb()}
 
 
 LABELS = {"adapt": "adaptation step, logits at the placeholders only",
@@ -309,24 +331,27 @@ def bench_search(args, peak: float) -> Section:
     queries = encoder.encode_queries([a.headline for a in articles])
     k, table = 10, []
     exact = build_index(passages, "Flat")
-    t = time.perf_counter()
+    search_index(exact, queries[:100], k)  # warm-up
+    exact_s = statistics.median(timed(lambda: search_index(exact, queries, k)) for _ in range(3))
     _, truth = search_index(exact, queries, k)
-    exact_s = time.perf_counter() - t
     table.append(["Flat (exact)", "", f"{len(queries) / exact_s:.0f}", "1.000"])
     t = time.perf_counter()
     hnsw = build_index(passages, "HNSW32")
     build_s = time.perf_counter() - t
     checks = []
     for ef in (16, 64, 256):
-        t = time.perf_counter()
+        search_index(hnsw, queries[:100], k, params=f"efSearch={ef}")  # warm-up
+        secs = statistics.median(timed(lambda ef=ef: search_index(hnsw, queries, k, params=f"efSearch={ef}"))
+                                 for _ in range(3))
         _, found = search_index(hnsw, queries, k, params=f"efSearch={ef}")
-        secs = time.perf_counter() - t
         recall = np.mean([len(set(found[i]) & set(truth[i])) / k for i in range(len(queries))])
         table.append([f"HNSW32, efSearch={ef}", f"{build_s:.2f}", f"{len(queries) / secs:.0f}", f"{recall:.3f}"])
         checks.append((f"HNSW efSearch={ef} speed vs exact", f"{exact_s / secs:.2f}x", "(information)", None))
     return Section(f"Search: FAISS exact vs HNSW ({len(passages)} BBC passages, {len(queries)} headline queries)",
                    f"all-MiniLM-L6-v2 embeddings ({passages.shape[1]} dimensions); {faiss.omp_get_max_threads()} "
-                   "FAISS threads; recall@10 of the HNSW top 10 against the exact top 10.",
+                   "FAISS threads; median of 3 timed searches of all queries after a warm-up; recall@10 of the "
+                   "HNSW top 10 "
+                   "against the exact top 10.",
                    ["index", "build (s)", "queries/s", "recall@10 vs exact"], table, checks)
 
 

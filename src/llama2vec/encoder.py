@@ -94,9 +94,9 @@ class Llama2Vec:
         return self.model.config.hidden_size
 
     def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
-        return [ids[:max_length] for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_ids(self, rows: list[list[int]], task: str, batch_size: int | None = None) -> np.ndarray:
         """Embed tokenised texts in batches sorted by length (longest first); original order out."""
         from tqdm.auto import tqdm
