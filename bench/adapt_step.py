@@ -37,13 +37,15 @@ def passages(tok, length: int, count: int) -> list[list[int]]:
     return out
 
 
-def step_flops(model, batch_tokens: int, seq_len: int, passes: int) -> float:
-    """Training FLOPs of one step: 6 per non-embedding parameter per token, plus attention
-    (QK^T and AV: 2 * 2 * L * d per token per layer forward, x3 with backward)."""
+def step_flops(model, rows: int, seq_len: int, placeholders: int) -> float:
+    """Training FLOPs of one step over `rows` sequences of `seq_len` tokens: 6 per non-embedding
+    parameter per token, attention (QK^T and AV: 2 * 2 * L * d per token per layer forward, x3 with
+    backward), and the LM head at the `placeholders` positions per row that the losses read."""
     cfg = model.config
-    n = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name)
+    n = sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and "lm_head" not in name)
     attn = 3 * 4 * seq_len * cfg.hidden_size * cfg.num_hidden_layers
-    return passes * batch_tokens * (6 * n + attn)
+    head = 6 * cfg.hidden_size * cfg.vocab_size * placeholders
+    return rows * (seq_len * (6 * n + attn) + head)
 
 
 def measure(lengths: list[int], batch_size: int, repeats: int, peak: float, device: str = "cpu") -> list[dict]:
@@ -57,7 +59,9 @@ def measure(lengths: list[int], batch_size: int, repeats: int, peak: float, devi
     model.train()
     module = PretextModel(model, PretextWeights())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    suffix = len(ids.bos + ids.prefix) + len(ids.self_suffix)
+    head = len(ids.bos + ids.prefix)
+    joint_len = head + len(ids.self_suffix) + len(ids.next_suffix)  # T once, both suffixes
+    single_len = {"self": head + len(ids.self_suffix), "next": head + len(ids.next_suffix)}
 
     rows = []
     for length in lengths:
@@ -82,8 +86,11 @@ def measure(lengths: list[int], batch_size: int, repeats: int, peak: float, devi
         tokens = batch_size * length
         for joint in (True, False):
             median = statistics.median(times[joint])
-            # Useful work: one pass over T plus both suffixes (joint) or T twice (two passes).
-            flops = step_flops(model, batch_size * (length + suffix), length + suffix, 1 if joint else 2)
+            # Useful work: one pass over T and both suffixes (joint), or T twice, once per suffix.
+            if joint:
+                flops = step_flops(model, batch_size, length + joint_len, 2 * ids.k)
+            else:
+                flops = sum(step_flops(model, batch_size, length + single_len[t], ids.k) for t in single_len)
             rows.append({"length": length, "mode": "joint" if joint else "two passes", "step_s": median,
                          "tokens_s": tokens / median, "mfu": flops / median / (peak * 1e9)})
         rows[-2]["speedup"] = rows[-1]["step_s"] / rows[-2]["step_s"]
