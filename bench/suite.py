@@ -50,8 +50,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: str = "cpu", dtype=torch.float32, n: int = 2048, repeats: int = 5) -> float:
-    """Matrix-product GFLOP/s through torch on this machine, median of repeats."""
+def matmul_peak(device: str = "cpu", dtype=torch.float32, n: int = 2048, repeats: int = 10) -> float:
+    """Matrix-product GFLOP/s through torch on this machine: the best of `repeats` products (the rate
+    the hardware reaches; a shared machine only ever slows a product down)."""
     if device == "cuda":
         n = 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -63,7 +64,7 @@ def matmul_peak(device: str = "cpu", dtype=torch.float32, n: int = 2048, repeats
         a @ b
         sync(device)
         times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / min(times) / 1e9
 
 
 def timed(fn) -> float:
@@ -420,7 +421,7 @@ def main() -> None:
     command = "python bench/suite.py " + " ".join(sys.argv[1:])
     start = time.time()
     peak = matmul_peak(args.device, dtype_of(args.device))
-    sections = [Section("Peak", "matrix products of 2048 x 2048 (8192 on GPU), median of 5",
+    sections = [Section("Peak", "matrix products of 2048 x 2048 (8192 on GPU), best of 10",
                         ["figure", "value"], [[f"{args.dtype_name} matmul GFLOP/s", f"{peak:.0f}"]])]
     runners = {"adapt": bench_adapt, "padding": bench_padding, "encode": bench_encode, "memory": bench_memory,
                "search": bench_search, "int8": bench_int8}
