@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from adapt_step import sync
 from report import append_report, machine, markdown_table
 
 ALL = ["peak", "adapt", "padding", "encode", "memory", "search", "int8"]
@@ -43,11 +44,6 @@ class Section:
 
 # --------------------------------------------------------------------------------------------
 # Shared helpers
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(device: str = "cpu", dtype=torch.float32, n: int = 2048, repeats: int = 10) -> float:

@@ -140,6 +140,13 @@ def _plot(args: argparse.Namespace) -> None:
     print(plot_training_log(args.run, args.output, title=args.title))
 
 
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    from .config import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="onnx-int8: CPU encoding with int8 weights through ONNX Runtime (exported once, cached).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama2vec", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
@@ -196,8 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=1024, help="Texts per shard (the unit of resuming).")
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", choices=["torch", "onnx-int8", "onnx"], default="torch",
-                   help="onnx-int8: CPU encoding with int8 weights through ONNX Runtime (exported once, cached).")
+    _add_backend(p)
     p.set_defaults(func=_encode)
 
     p = sub.add_parser("index", help="Build a FAISS index from an embeddings folder.")
@@ -227,8 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="Metrics JSON to write.")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--backend", choices=["torch", "onnx-int8", "onnx"], default="torch",
-                   help="onnx-int8: CPU encoding with int8 weights through ONNX Runtime (exported once, cached).")
+    _add_backend(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("demo", help="The main job: test the paper's claim end to end on the embedded defaults.")

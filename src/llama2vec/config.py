@@ -32,6 +32,9 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
 # Configuration groups
 
 
+# Encoding backends (see Llama2Vec.from_pretrained).
+BACKENDS = ("torch", "onnx-int8", "onnx")
+
 @dataclass
 class ModelConfig:
     model: str = opt("smollm2", "Hub id, local Hugging Face folder, or 'smollm2' (bundled default).")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .collate import left_pad
-from .config import ModelConfig, PromptConfig
+from .config import BACKENDS, ModelConfig, PromptConfig
 from .errors import Llama2VecError
 from .formats import passage_text
 from .losses import decoder_states, unwrap_lm
@@ -27,7 +27,6 @@ from .onnx_int8 import OnnxDecoder, cached_export
 from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
 
 log = logging.getLogger(__name__)
-BACKENDS = ("torch", "onnx-int8", "onnx")
 
 
 def pool(states: torch.Tensor, how: str) -> torch.Tensor:

@@ -44,12 +44,12 @@ class _LastStates(torch.nn.Module):
         return out.last_hidden_state[:, -self.k:]
 
 
-def weight_matmuls(path: Path) -> list[str]:
-    """Names of the MatMul nodes that multiply by a weight (an initializer): the linear layers.
-    The attention products (activation x activation) stay in float32."""
+def weight_matmuls(model) -> list[str]:
+    """Names of the MatMul nodes that multiply by a weight (an initializer): the linear layers, in
+    an ONNX model or file. The attention products (activation x activation) stay in float32."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = (onnx.load(str(model), load_external_data=False) if isinstance(model, (str, Path)) else model).graph
     weights = {init.name for init in graph.initializer}
     return [n.name for n in graph.node if n.op_type == "MatMul" and any(i in weights for i in n.input)]
 
@@ -84,7 +84,8 @@ def export(decoder: torch.nn.Module, k: int, pad_id: int, output: Path, quantise
             final = Path(tmp) / "model-int8.onnx"
             logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
             recipe = dict(bits=BITS, block_size=BLOCK, is_symmetric=True, accuracy_level=4)
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(plain)), nodes_to_include=weight_matmuls(plain),
+            graph = onnx.load(str(plain))
+            quantizer = MatMulNBitsQuantizer(graph, nodes_to_include=weight_matmuls(graph),
                                              algo_config=DefaultWeightOnlyQuantConfig(**recipe), **recipe)
             quantizer.process()
             quantizer.model.save_model_to_file(str(final), use_external_data_format=False)
