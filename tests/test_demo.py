@@ -7,7 +7,7 @@ import json
 import pytest
 
 import llama2vec.demo as demo_mod
-from llama2vec.demo import PRESETS, DemoSettings, demo, estimate_seconds
+from llama2vec.demo import PRESETS, DemoSettings, Recipe, demo, estimate_seconds
 from llama2vec.encoder import Llama2Vec
 
 SYSTEMS = ["bm25", "minilm", "smollm2", "smollm2-adapted", "smollm2-finetuned", "smollm2-adapted-finetuned", "hybrid"]
@@ -15,7 +15,9 @@ SYSTEMS = ["bm25", "minilm", "smollm2", "smollm2-adapted", "smollm2-finetuned", 
 
 def tiny_settings(model_dir) -> DemoSettings:
     return DemoSettings(adapt_steps=2, adapt_batch=2, adapt_lr=1e-3, main_queries=4, finetune_batch=2, group_size=2,
-                        finetune_lr=1e-3, passage_max_length=24, query_max_length=12, eval_queries=12, distractors=6,
+                        recipes=[Recipe("full-a", lora=False, learning_rate=1e-3),
+                                 Recipe("lora-b", lora=True, learning_rate=1e-2)], recipe_queries=4,
+                        passage_max_length=24, query_max_length=12, eval_queries=12, distractors=6,
                         label_curve=[0, 4], seeds=[0, 1], base_model=str(model_dir), scaled_down="tiny test")
 
 
@@ -34,6 +36,14 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch):
     assert saved["settings"]["eval_queries"] == 12 and saved["settings"]["eval_passages"] == 18
     choice = saved["settings"]["query_prompt_choice"]  # chosen on dev, never on test
     assert set(choice["dev_ndcg@10"]) == {"next", "self"} and choice["chosen"] == saved["settings"]["query_prompt"]
+    recipes = saved["settings"]["recipe_choice"]  # also chosen on dev, by both models' mean
+    assert set(recipes["dev_ndcg@10"]) == {"full-a", "lora-b"} and recipes["queries"] == 4
+    best = max(recipes["dev_ndcg@10"], key=lambda k: recipes["dev_ndcg@10"][k]["mean"])
+    assert recipes["chosen"] == best == saved["settings"]["recipe"]["name"]
+    assert f"/{best}/adapted-n4-s0" in saved["systems"]["smollm2-adapted-finetuned"]["model"]
+    for name in ("adapted", "unadapted"):  # every candidate was trained for both models
+        assert all((out / "finetuned" / r / f"{name}-n4-s0" / "llama2vec_config.json").is_file() for r in recipes["dev_ndcg@10"])
+    assert "Fine-tuning recipe:" in (out / "report.md").read_text()
     dev_queries = (out / "data" / "dev" / "queries.jsonl").read_text()
     test_ids = {json.loads(line)["_id"] for line in (out / "data" / "eval" / "queries.jsonl").read_text().splitlines()}
     assert not test_ids & {json.loads(line)["_id"] for line in dev_queries.splitlines()}
@@ -60,4 +70,4 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch):
 def test_estimates_fit_the_presets():
     quick = PRESETS["quick"]
     assert estimate_seconds(quick, 200, 150) < 15 * 60
-    assert estimate_seconds(PRESETS["full"], 603, 403) < 120 * 60
+    assert estimate_seconds(PRESETS["full"], 603, 403, (422, 222)) < 120 * 60  # dev: 222 queries, 422 passages

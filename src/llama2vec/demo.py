@@ -23,6 +23,20 @@ from .errors import Llama2VecError
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How the demo fine-tunes: all weights or LoRA adapters (rank 16), and the peak learning rate."""
+
+    name: str
+    lora: bool
+    learning_rate: float
+
+
+FULL_2E5 = Recipe("full-lr2e-5", lora=False, learning_rate=2e-5)
+RECIPES = [FULL_2E5, Recipe("full-lr5e-5", lora=False, learning_rate=5e-5),
+           Recipe("lora-lr2e-4", lora=True, learning_rate=2e-4)]
+
+
 @dataclass
 class DemoSettings:
     """Every knob of a demo run; the presets below fill them."""
@@ -33,7 +47,6 @@ class DemoSettings:
     main_queries: int  # training queries of the main fine-tuned systems (one pass over them)
     finetune_batch: int
     group_size: int
-    finetune_lr: float
     passage_max_length: int  # tokens of a passage (and of an adaptation chunk), prompt excluded
     query_max_length: int
     eval_queries: int | None  # test queries evaluated (None: all 403)
@@ -41,6 +54,10 @@ class DemoSettings:
     label_curve: list[int] = field(default_factory=list)  # n training queries (0 = no fine-tuning)
     seeds: list[int] = field(default_factory=lambda: [0])
     query_prompt: str = "auto"  # prompt for queries: next, self, or auto (the better on the dev split)
+    # Fine-tuning recipes; with more than one, the one with the best mean dev nDCG@10 of the adapted and
+    # the unadapted model, each fine-tuned on the first `recipe_queries` training queries, is used.
+    recipes: list[Recipe] = field(default_factory=lambda: [FULL_2E5])
+    recipe_queries: int = 48
     temperature: float = 0.02
     scaled_down: str = ""
     base_model: str = "smollm2"
@@ -49,25 +66,25 @@ class DemoSettings:
 PRESETS = {
     "quick": DemoSettings(
         adapt_steps=40, adapt_batch=8, adapt_lr=1e-4,
-        main_queries=48, finetune_batch=4, group_size=4, finetune_lr=2e-5,
+        main_queries=48, finetune_batch=4, group_size=4,
         passage_max_length=64, query_max_length=32, eval_queries=150, distractors=50,
         scaled_down="40 adaptation steps on 64-token chunks; fine-tuning on 48 training queries (12 steps); "
                     "150 test queries against a corpus of their own 150 passages plus 50 others, cut to 64 tokens",
     ),
     "full": DemoSettings(
         adapt_steps=200, adapt_batch=8, adapt_lr=1e-4,
-        main_queries=160, finetune_batch=4, group_size=4, finetune_lr=2e-5,
+        main_queries=160, finetune_batch=4, group_size=4,
         passage_max_length=64, query_max_length=32, eval_queries=None, distractors=200,
-        label_curve=[0, 16, 48, 160], seeds=[0, 1],
+        label_curve=[0, 16, 48, 160], seeds=[0, 1], recipes=RECIPES, recipe_queries=48,
         scaled_down="passages and adaptation chunks cut to 64 tokens; the 403 test queries against their own "
                     "403 passages plus 200 others (not the whole 2,089-passage corpus); fine-tuning on up to 160 "
                     "of the 1,464 training queries (one pass)",
     ),
     "paper": DemoSettings(
         adapt_steps=2000, adapt_batch=8, adapt_lr=5e-5,
-        main_queries=1464, finetune_batch=4, group_size=8, finetune_lr=2e-5,
+        main_queries=1464, finetune_batch=4, group_size=8,
         passage_max_length=128, query_max_length=32, eval_queries=None, distractors=None,
-        label_curve=[0, 64, 256, 1464], seeds=[0, 1, 2],
+        label_curve=[0, 64, 256, 1464], seeds=[0, 1, 2], recipes=RECIPES, recipe_queries=256,
     ),
 }
 
@@ -90,13 +107,19 @@ def steps_for(n: int, s: DemoSettings) -> int:
     return max(1, n // s.finetune_batch)
 
 
-def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int) -> float:
+def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tuple[int, int] = (0, 0)) -> float:
+    """`n_dev`: passages and queries of the dev set (the recipe choice encodes it once per candidate)."""
     adapt = s.adapt_steps * s.adapt_batch * (s.passage_max_length + 2 * _PROMPT_TOKENS) * _TRAIN_S_PER_TOKEN
     step = s.finetune_batch * (s.group_size * (s.passage_max_length + _PROMPT_TOKENS) + s.query_max_length)
+
+    def encode(passages: int, queries: int) -> float:
+        return (passages * (s.passage_max_length + _PROMPT_TOKENS) + queries * 40) * _ENCODE_S_PER_TOKEN
+
     runs = finetune_runs(s)
-    finetune = 2 * sum(steps_for(n, s) for n, _ in runs) * step * _TRAIN_S_PER_TOKEN
-    per_encode = (n_passages * (s.passage_max_length + _PROMPT_TOKENS) + n_queries * 40) * _ENCODE_S_PER_TOKEN
-    return 90 + adapt + finetune + (2 + 2 * len(runs)) * per_encode
+    extra = len(s.recipes) - 1  # candidate recipes beyond the one whose runs the curve reuses
+    steps = sum(steps_for(n, s) for n, _ in runs) + extra * steps_for(s.recipe_queries, s)
+    dev = 2 * len(s.recipes) * encode(*n_dev) if extra else 0.0
+    return 90 + adapt + 2 * steps * step * _TRAIN_S_PER_TOKEN + dev + (2 + 2 * len(runs)) * encode(n_passages, n_queries)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +185,8 @@ def run_adapt(corpus: Path, out: Path, s: DemoSettings) -> Path:
     return out
 
 
-def run_finetune(model: str, train: Path, n: int | None, steps: int, seed: int, out: Path, s: DemoSettings) -> Path:
+def run_finetune(model: str, train: Path, n: int | None, steps: int, seed: int, out: Path, s: DemoSettings,
+                 recipe: Recipe) -> Path:
     from .config import ContrastiveConfig, FinetuneTrainConfig, ModelConfig, PromptConfig
     from .finetune import finetune
 
@@ -171,8 +195,8 @@ def run_finetune(model: str, train: Path, n: int | None, steps: int, seed: int, 
                  ContrastiveConfig(train=str(train), group_size=s.group_size, temperature=s.temperature,
                                    query_max_length=s.query_max_length, passage_max_length=s.passage_max_length,
                                    max_examples=n),
-                 FinetuneTrainConfig(output=str(out), max_steps=steps, batch_size=s.finetune_batch, lora=False,
-                                     learning_rate=s.finetune_lr, warmup_steps=max(1, steps // 10), seed=seed,
+                 FinetuneTrainConfig(output=str(out), max_steps=steps, batch_size=s.finetune_batch,
+                                     lora=recipe.lora, learning_rate=recipe.learning_rate, warmup_steps=max(1, steps // 10), seed=seed,
                                      logging_steps=1, save_steps=25, resume=out.exists()))
     return out
 
@@ -273,7 +297,11 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     eval_set = build_eval_set(bbc, out / "data" / "eval", s)
     n_train = len(read_train(bbc / "train.jsonl"))
     test = read_beir(eval_set, "test")
-    est = estimate_seconds(s, len(test.corpus), len(test.queries))
+    n_dev = (0, 0)
+    if len(s.recipes) > 1:
+        dev_set = read_beir(build_eval_set(bbc, out / "data" / "dev", s, split="dev"), "test")
+        n_dev = (len(dev_set.corpus), len(dev_set.queries))
+    est = estimate_seconds(s, len(test.corpus), len(test.queries), n_dev)
     print(f"llama2vec demo, preset {preset}: {len(test.queries)} test queries, {len(test.corpus)} passages; "
           f"estimated time on a 2-core CPU: about {est / 60:.0f} minutes (stages already done are skipped)")
     stage("data")
@@ -291,15 +319,30 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     models = {"unadapted": s.base_model, "adapted": str(adapted)}
     evals = out / "eval"
 
-    def finetuned(name: str, n: int, seed: int) -> Path:
+    def finetuned(name: str, n: int, seed: int, recipe: Recipe) -> Path:
         return run_finetune(models[name], bbc / "train.jsonl", n, steps_for(n, s), seed,
-                            out / "finetuned" / f"{name}-n{n}-s{seed}", s)
+                            out / "finetuned" / recipe.name / f"{name}-n{n}-s{seed}", s, recipe)
+
+    recipe_choice = None
+    recipe = s.recipes[0]
+    if len(s.recipes) > 1:
+        dev = build_eval_set(bbc, out / "data" / "dev", s, split="dev")
+        dev_scores = {}
+        for candidate in s.recipes:
+            scores = {name: run_eval(str(finetuned(name, s.recipe_queries, s.seeds[0], candidate)), dev,
+                                     evals / "dev" / candidate.name / f"{name}.json", s)["ndcg@10"] for name in models}
+            dev_scores[candidate.name] = {**scores, "mean": statistics.mean(scores.values())}
+        recipe = max(s.recipes, key=lambda r: dev_scores[r.name]["mean"])
+        recipe_choice = {"queries": s.recipe_queries, "dev_ndcg@10": dev_scores, "chosen": recipe.name}
+        print(f"fine-tuning recipe chosen on the dev split: {recipe.name} {dev_scores}")
+    stage("choose_recipe")
 
     def finetuned_eval(name: str, n: int, seed: int, run_file: Path | None = None) -> dict:
-        folder = finetuned(name, n, seed)
-        return run_eval(str(folder), eval_set, evals / "finetuned" / f"{name}-n{n}-s{seed}.json", s, run_file)
+        folder = finetuned(name, n, seed, recipe)
+        return run_eval(str(folder), eval_set, evals / "finetuned" / recipe.name / f"{name}-n{n}-s{seed}.json", s,
+                        run_file)
 
-    main = {name: finetuned(name, s.main_queries, s.seeds[0]) for name in models}
+    main = {name: finetuned(name, s.main_queries, s.seeds[0], recipe) for name in models}
     stage("finetune")
 
     systems = {
@@ -335,7 +378,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     report = {
         "preset": preset,
         "settings": {**dataclasses.asdict(s), "eval_queries": len(test.queries), "eval_passages": len(test.corpus),
-                     "train_queries_available": n_train, "query_prompt_choice": prompt_choice},
+                     "train_queries_available": n_train, "query_prompt_choice": prompt_choice,
+                     "recipe": dataclasses.asdict(recipe), "recipe_choice": recipe_choice},
         "timings": timings,
         "systems": {k: {"ndcg@10": v["ndcg@10"], "mrr@10": v["mrr@10"], "recall@100": v["recall@100"],
                         "model": model_paths[k]} for k, v in systems.items()},
@@ -347,6 +391,23 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
 
 # --------------------------------------------------------------------------------------------
 # Report
+
+
+def _choices(s: dict) -> list[str]:
+    """Report lines for the settings chosen on the dev split."""
+    lines = []
+    if s["query_prompt_choice"]:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in s["query_prompt_choice"]["dev_ndcg@10"].items())
+        lines.append(f"Query prompt chosen on dev (adapted model, zero-shot nDCG@10: {scores}): {s['query_prompt']}.")
+    recipe = s["recipe"]
+    how = "LoRA adapters" if recipe["lora"] else "all weights"
+    line = f"Fine-tuning recipe: {recipe['name']} ({how}, peak learning rate {recipe['learning_rate']:g})"
+    if s["recipe_choice"]:
+        scores = "; ".join(f"{k} {v['mean']:.3f} (adapted {v['adapted']:.3f}, unadapted {v['unadapted']:.3f})"
+                           for k, v in s["recipe_choice"]["dev_ndcg@10"].items())
+        line += (f", chosen on dev by the mean nDCG@10 of both models fine-tuned on "
+                 f"{s['recipe_choice']['queries']} training queries: {scores}")
+    return [*lines, line + ".", ""]
 
 
 def write_report(out: Path, report: dict, systems: dict, main: dict[str, Path]) -> None:
@@ -365,7 +426,7 @@ def write_report(out: Path, report: dict, systems: dict, main: dict[str, Path]) 
     lines = [f"# llama2vec demo: preset `{report['preset']}`", "",
              f"BBC test protocol: {s['eval_queries']} headline queries, {s['eval_passages']} passages "
              f"(cut to {s['passage_max_length']} tokens). Scaled down: {s['scaled_down'] or 'nothing'}.", "",
-             format_table(systems, ("ndcg@10", "mrr@10", "recall@100")), ""]
+             *_choices(s), format_table(systems, ("ndcg@10", "mrr@10", "recall@100")), ""]
     if report["label_curve"]:
         lines += ["## Label curve (nDCG@10 on BBC test)", "", "| n | unadapted | adapted | seeds |",
                   "|---|---|---|---|"]
