@@ -119,7 +119,8 @@ def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tu
     extra = len(s.recipes) - 1  # candidate recipes beyond the one whose runs the curve reuses
     steps = sum(steps_for(n, s) for n, _ in runs) + extra * steps_for(s.recipe_queries, s)
     dev = 2 * len(s.recipes) * encode(*n_dev) if extra else 0.0
-    return 90 + adapt + 2 * steps * step * _TRAIN_S_PER_TOKEN + dev + (2 + 2 * len(runs)) * encode(n_passages, n_queries)
+    finetune = 2 * steps * step * _TRAIN_S_PER_TOKEN
+    return 90 + adapt + finetune + dev + (2 + 2 * len(runs)) * encode(n_passages, n_queries)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,8 +197,9 @@ def run_finetune(model: str, train: Path, n: int | None, steps: int, seed: int, 
                                    query_max_length=s.query_max_length, passage_max_length=s.passage_max_length,
                                    max_examples=n),
                  FinetuneTrainConfig(output=str(out), max_steps=steps, batch_size=s.finetune_batch,
-                                     lora=recipe.lora, learning_rate=recipe.learning_rate, warmup_steps=max(1, steps // 10), seed=seed,
-                                     logging_steps=1, save_steps=25, resume=out.exists()))
+                                     lora=recipe.lora, learning_rate=recipe.learning_rate,
+                                     warmup_steps=max(1, steps // 10), seed=seed, logging_steps=1,
+                                     save_steps=25, resume=out.exists()))
     return out
 
 
