@@ -57,6 +57,15 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch):
         assert (out / name).is_file(), name
     assert "| hybrid |" in (out / "report.md").read_text()
 
+    # Repeatable: a second run from scratch, in another folder, gives exactly the same figures.
+    fresh = demo(output=str(tmp_path / "fresh"), settings=tiny_settings(tiny_model_dir))
+
+    def figures(r: dict) -> dict:
+        return {k: {m: v for m, v in e.items() if m != "model"} for k, e in r["systems"].items()}
+
+    assert figures(fresh) == figures(report) and fresh["label_curve"] == report["label_curve"]
+    assert fresh["settings"]["recipe_choice"] == report["settings"]["recipe_choice"]
+
     # A second run reuses every finished stage: no training, no encoding.
     def no_training(*args, **kwargs):
         pytest.fail("a finished stage ran again")

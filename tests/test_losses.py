@@ -98,3 +98,44 @@ def test_placeholder_logits_equal_logits_everywhere(lm_weight):
         assert fast[key] == pytest.approx(plain[key], abs=1e-5)
     for g1, g2 in zip(fast_grads, plain_grads):
         torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_last_states_equal_the_full_forward(attn, k):
+    """The fast path (the last layer only at the k positions read) against the full forward: same
+    states and same gradients, on a left-padded batch of mixed lengths."""
+    from conftest import make_model
+
+    from llama2vec.collate import left_pad
+    from llama2vec.losses import decoder_states, last_states
+
+    model = make_model(100, attn=attn).train()  # train mode: the fine-tuning path (no dropout configured)
+    rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
+    ids, mask, positions = left_pad(rows, pad_id=0)
+
+    def run(fn):
+        model.zero_grad()
+        out = fn(model, ids, positions, mask, k) if fn is last_states else fn(model, ids, positions, mask)[:, -k:]
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = run(last_states)
+    full, full_grads = run(decoder_states)
+    assert fast.shape == (3, k, 32)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-4)
+    assert fast_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_last_states_fall_back_for_other_decoders():
+    from conftest import make_model
+
+    from llama2vec.collate import left_pad
+    from llama2vec.losses import decoder_states, last_states
+
+    model = make_model(100, arch="gpt2")
+    ids, mask, positions = left_pad([[5, 6, 7], [8, 9]], pad_id=0)
+    torch.testing.assert_close(last_states(model, ids, positions, mask, 2),
+                               decoder_states(model, ids, positions, mask)[:, -2:])

@@ -21,7 +21,7 @@ from .collate import left_pad
 from .config import BACKENDS, ModelConfig, PromptConfig
 from .errors import Llama2VecError
 from .formats import passage_text
-from .losses import decoder_states, unwrap_lm
+from .losses import last_states, unwrap_lm
 from .models import add_placeholder_tokens, load_causal_lm, resolve_model_path
 from .onnx_int8 import OnnxDecoder, cached_export
 from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
@@ -43,8 +43,8 @@ def embed_ids(model, ids: PromptIds, rows: list[list[int]], task: str, pad_id: i
     if onnx is not None:
         return pool(onnx(input_ids, mask, positions), pooling)
     device = next(model.parameters()).device
-    states = decoder_states(unwrap_lm(model), input_ids.to(device), positions.to(device), mask.to(device))
-    return pool(states[:, -ids.k:], pooling)  # the K embedding tokens close every row
+    states = last_states(unwrap_lm(model), input_ids.to(device), positions.to(device), mask.to(device), ids.k)
+    return pool(states, pooling)  # the K embedding tokens close every row
 
 
 class Llama2Vec:

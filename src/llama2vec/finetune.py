@@ -24,7 +24,7 @@ from .config import (
 from .encoder import pool
 from .errors import Llama2VecError
 from .formats import TrainExample, read_train
-from .losses import decoder_states, unwrap_lm
+from .losses import last_states, unwrap_lm
 from .models import add_placeholder_tokens, apply_lora, load_causal_lm, resolve_model_path
 from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
 from .train import finish, is_main_rank, make_accelerator, prepare_output, run_training
@@ -90,8 +90,8 @@ class ContrastiveModel(nn.Module):
         self.temperature, self.group_size, self.cross_device = temperature, group_size, cross_device
 
     def embed(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        states = decoder_states(unwrap_lm(self.model), input_ids, position_ids, attention_mask)  # (B, L, H)
-        return pool(states[:, -self.k:], self.pooling)  # (B, H)
+        states = last_states(unwrap_lm(self.model), input_ids, position_ids, attention_mask, self.k)  # (B, K, H)
+        return pool(states, self.pooling)  # (B, H)
 
     def forward(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]:
         q = self.embed(batch["q_input_ids"], batch["q_attention_mask"], batch["q_position_ids"])  # (B, H)

@@ -48,6 +48,53 @@ def decoder_states(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.T
     return out.last_hidden_state
 
 
+def last_states(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """`decoder_states(...)[:, -k:]`, (B, k, H), for left-padded batches (every row ends at the
+    last column), doing less work: the last decoder layer runs its queries, attention output and MLP
+    only at the k positions read (its keys and values still cover every position). That skips
+    nearly one layer in num_hidden_layers. Llama-architecture decoders only; any other decoder, or a
+    4-D mask, takes the full forward."""
+    base = lm.base_model
+    if attention_mask.dim() != 2 or type(base).__name__ != "LlamaModel":
+        return decoder_states(lm, input_ids, position_ids, attention_mask)[:, -k:]
+    from transformers.masking_utils import create_causal_mask
+
+    h = base.embed_tokens(input_ids)  # (B, L, H)
+    mask = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=attention_mask, cache=None,
+                              position_ids=position_ids)
+    rope = base.rotary_emb(h, position_ids=position_ids)  # cos, sin: (B, L, head_dim) each
+    for layer in base.layers[: base.config.num_hidden_layers - 1]:
+        h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
+    return base.norm(_last_layer_at_tail(base.layers[base.config.num_hidden_layers - 1], h, attention_mask, rope, k))
+
+
+def _last_layer_at_tail(layer: nn.Module, h: torch.Tensor, attention_mask: torch.Tensor,
+                        rope: tuple[torch.Tensor, torch.Tensor], k: int) -> torch.Tensor:
+    """A Llama decoder layer's output at the last k positions only: (B, L, H) -> (B, k, H)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn, (cos, sin) = layer.self_attn, rope
+    b, n, _ = h.shape
+    x = layer.input_layernorm(h)
+    heads = attn.config.num_attention_heads  # fixed head counts keep the shapes static under export
+    q = attn.q_proj(x[:, -k:]).view(b, -1, heads, attn.head_dim).transpose(1, 2)  # (B, heads, k, d)
+    kv_shape = (b, n, heads // attn.num_key_value_groups, attn.head_dim)
+    key = attn.k_proj(x).view(kv_shape).transpose(1, 2)  # (B, kv heads, L, d)
+    value = attn.v_proj(x).view(kv_shape).transpose(1, 2)
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, -k:], sin[:, -k:])
+    key, _ = apply_rotary_pos_emb(key, key, cos, sin)
+    groups = attn.num_key_value_groups
+    columns = torch.arange(n, device=h.device)
+    causal = columns[None, :] <= columns[-k:, None]  # (k, L): query i sits at column L - k + i
+    allowed = causal[None] & attention_mask[:, None, :].bool()  # (B, k, L)
+    out = F.scaled_dot_product_attention(
+        q, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1), attn_mask=allowed[:, None],
+        dropout_p=attn.attention_dropout if attn.training else 0.0, scale=attn.scaling)  # (B, heads, k, d)
+    h = h[:, -k:] + attn.o_proj(out.transpose(1, 2).reshape(b, -1, heads * attn.head_dim))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
 @dataclass
 class PretextWeights:
     ebae: float = 1.0

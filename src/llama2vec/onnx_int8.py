@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from .errors import Llama2VecError
+from .losses import last_states
 from .models import cache_dir
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 2  # bump when the exported graph or the quantisation recipe changes
+FORMAT_VERSION = 3  # bump when the exported graph or the quantisation recipe changes
 BITS, BLOCK = 8, 128
 
 
@@ -39,9 +40,7 @@ class _LastStates(torch.nn.Module):
         self.decoder, self.k = decoder, k
 
     def forward(self, input_ids, attention_mask, position_ids):
-        out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False)
-        return out.last_hidden_state[:, -self.k:]
+        return last_states(self.decoder, input_ids, position_ids, attention_mask, self.k)
 
 
 def weight_matmuls(model) -> list[str]:
@@ -58,7 +57,7 @@ def export(decoder: torch.nn.Module, k: int, pad_id: int, output: Path, quantise
     """Export `decoder` (a Hugging Face base model, float32, CPU) to `output` (an .onnx file),
     int8-quantised unless `quantise` is False. Atomic: the file appears only when finished."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    module = _LastStates(decoder.float().cpu().eval(), k)
+    module = _LastStates(decoder.float().cpu(), k).eval()
     # Two rows of different lengths (left-padded) so that neither dimension is specialised.
     ids = torch.full((2, 12), pad_id, dtype=torch.long)
     ids[:, 4:] = 7
