@@ -9,5 +9,5 @@ PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-"$PY" bench/suite.py --device cuda --only adapt encode --adapt-lengths 128 512 --batch-size 8 --repeats 5 \
+"$PY" bench/suite.py --device cuda --only adapt encode lastlayer --adapt-lengths 128 512 --batch-size 8 --repeats 5 \
   --passages 2048 --encode-batch 128 --output "$OUT/BENCHMARKS.md" 2>&1 | tee "$OUT/log.txt"

@@ -8,7 +8,8 @@ and the results appended to BENCHMARKS.md with the command and the machine.
 Benchmarks: peak (matmul GFLOP/s, the reference of every MFU figure), adapt (step throughput, MFU,
 joint vs two passes), padding (with and without length grouping), encode (llama2vec against
 sentence-transformers and a plain Hugging Face loop on the same weights, pooling, batch and
-lengths), memory (peak resident memory; logits only at the placeholders vs everywhere), search
+lengths), lastlayer (the last layer at the pooled positions only vs the whole layer), memory (peak
+resident memory; logits only at the placeholders vs everywhere), search
 (FAISS exact vs HNSW), int8 (the onnx-int8 encoding backend: speed-up and BBC test nDCG@10).
 Timings are medians of repeats or single passes over hundreds of passages, never asserted in tests.
 """
@@ -30,7 +31,7 @@ import torch
 from adapt_step import sync
 from report import append_report, machine, markdown_table
 
-ALL = ["peak", "adapt", "padding", "encode", "memory", "search", "int8"]
+ALL = ["peak", "adapt", "padding", "encode", "lastlayer", "memory", "search", "int8"]
 
 
 @dataclass
@@ -227,27 +228,30 @@ def bench_encode(args, peak: float) -> Section:
             enc = Llama2Vec.from_pretrained("smollm2", backend=backend, prompt=PromptConfig(prompt_preset="paper"),
                                             max_length=args.encode_length, batch_size=args.encode_batch)
             systems[f"llama2vec, backend {backend}"] = lambda idx, e=enc: e.encode_corpus([texts[i] for i in idx])
-    # Two rounds over the two halves of the passages, the systems in one order then the reverse, so
-    # that no system gains from its place in the run; each system's time is the sum of its rounds.
+    # Rounds over equal parts of the passages, the systems in one order then the reverse, so that no
+    # system gains from its place in the run; each system's time is the sum of its rounds, and the
+    # per-round time ratios show the spread.
     results = dict.fromkeys(systems, 0.0)
+    rounds: dict[str, list[float]] = {name: [] for name in systems}
     parts: dict[str, list[np.ndarray]] = {name: [] for name in systems}
-    half = len(texts) // 2
     for run in systems.values():
         run(list(range(args.encode_batch)))  # warm-up: one batch
-    for r, idx in enumerate((list(range(half)), list(range(half, len(texts))))):
-        for name in (list(systems) if r == 0 else list(reversed(systems))):
+    for r, idx in enumerate(np.array_split(np.arange(len(texts)), args.encode_rounds)):
+        for name in (list(systems) if r % 2 == 0 else list(reversed(systems))):
             sync(args.device)
             t = time.perf_counter()
-            parts[name].append(systems[name](idx))
+            parts[name].append(systems[name](idx.tolist()))
             sync(args.device)
-            results[name] += time.perf_counter() - t
+            rounds[name].append(time.perf_counter() - t)
+            results[name] += rounds[name][-1]
     embeddings = {name: np.concatenate(p) for name, p in parts.items()}
     base = "llama2vec (length-sorted)"
     table = []
     for name, secs in results.items():
         agree = float((embeddings[name] * embeddings[base]).sum(1).mean())
+        spread = [a / b for a, b in zip(rounds[name], rounds[base])]
         table.append([name, f"{secs:.1f}", f"{len(texts) / secs:.2f}", f"{flops / secs / (peak * 1e9):.2f}",
-                      f"{results[name] / results[base]:.2f}", f"{agree:.4f}"])
+                      f"{results[name] / results[base]:.2f}", f"{min(spread):.2f}-{max(spread):.2f}", f"{agree:.4f}"])
     mfu = flops / results[base] / (peak * 1e9)
     st_ratio = results["sentence-transformers"] / results[base]
     checks = [("encode MFU", f"{mfu:.3f}", ">= 0.85", mfu >= 0.85),
@@ -257,12 +261,59 @@ def bench_encode(args, peak: float) -> Section:
         checks.append(("onnx-int8 vs float32 passages/s", f"{speed:.2f}x", ">= 1.5x", speed >= 1.5))
     return Section(f"Encoding {len(texts)} BBC passages with SmolLM2 ({args.dtype_name}, batch {args.encode_batch})",
                    f"passages cut to {args.encode_length} tokens, paper prompt (K=1, last-token pooling) so that every "
-                   f"tool pools the same way; {sum(lengths)} tokens with the prompt; two timed rounds (half the "
-                   "passages each, the systems in one order then the reverse), times summed. MFU: the forward FLOPs "
-                   "encoding needs (real, unpadded tokens; the last layer's queries, attention and MLP only at the "
-                   "pooled token) / time / peak. 'time ratio' is the time "
-                   "over llama2vec's; 'cosine' the mean cosine with llama2vec's embeddings (the same model and "
-                   "inputs).", ["system", "time (s)", "passages/s", "MFU", "time ratio", "cosine"], table, checks)
+                   f"tool pools the same way; {sum(lengths)} tokens with the prompt; {args.encode_rounds} timed "
+                   "rounds (equal parts of the passages, the systems' order reversed every other round), times "
+                   "summed. MFU: the forward FLOPs encoding needs (real, unpadded tokens; the last layer's queries, "
+                   "attention and MLP only at the pooled token) / time / peak. 'time ratio' is the time over "
+                   "llama2vec's, 'ratio by round' its range over the rounds; 'cosine' the mean cosine with "
+                   "llama2vec's embeddings (the same model and inputs).",
+                   ["system", "time (s)", "passages/s", "MFU", "time ratio", "ratio by round", "cosine"], table,
+                   checks)
+
+
+def last_layer_row(args, preset: str) -> tuple[list, tuple]:
+    """One prompt preset's row of `bench_last_layer` and its check."""
+    from llama2vec.collate import left_pad
+    from llama2vec.config import PromptConfig
+    from llama2vec.encoder import Llama2Vec
+    from llama2vec.losses import decoder_states, last_states, unwrap_lm
+
+    enc = Llama2Vec.from_pretrained("smollm2", device=args.device, prompt=PromptConfig(prompt_preset=preset),
+                                    max_length=args.encode_length)
+    lm, k = unwrap_lm(enc.model), enc.ids.k
+    rows = [enc.ids.wrap(r, "self") for r in enc.tokenize(bbc_texts(args.encode_batch), args.encode_length)]
+    ids, mask, pos = (x.to(lm.device) for x in left_pad(rows, enc.tokenizer.pad_token_id))
+    paths = {"last layer at K": lambda: last_states(lm, ids, pos, mask, k),
+             "whole last layer": lambda: decoder_states(lm, ids, pos, mask)[:, -k:]}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    with torch.inference_mode():
+        diff = float((paths["last layer at K"]() - paths["whole last layer"]()).abs().max())
+        for r in range(args.repeats_last_layer):
+            for name in (list(paths) if r % 2 == 0 else list(reversed(paths))):
+                sync(args.device)
+                t = time.perf_counter()
+                paths[name]()
+                sync(args.device)
+                times[name].append(time.perf_counter() - t)
+    ratio = statistics.median(w / f for w, f in zip(times["whole last layer"], times["last layer at K"]))
+    lengths = [len(r) for r in rows]
+    ideal = forward_flops(enc.model, lengths) / forward_flops(enc.model, lengths, k)
+    row = [preset, k, f"{statistics.median(times['whole last layer']):.3f}",
+           f"{statistics.median(times['last layer at K']):.3f}", f"{ratio:.3f}x", f"{ideal:.3f}x", f"{diff:.1e}"]
+    return row, (f"last layer at K vs whole, {preset} prompt", f"{ratio:.3f}x", f"(FLOPs: {ideal:.3f}x)", None)
+
+
+def bench_last_layer(args, peak: float) -> Section:
+    """The encoder's forward with the last layer at the pooled positions only, against the whole last
+    layer: the same batch of real passages, the two paths alternating, paired ratios."""
+    results = [last_layer_row(args, preset) for preset in ("paper", "llara")]
+    return Section(f"The last layer at the pooled positions only ({args.encode_batch} BBC passages, "
+                   f"{args.encode_length} tokens, {args.dtype_name})",
+                   f"one batch, the two paths alternating {args.repeats_last_layer} times; times are medians, the "
+                   "speed-up the median of paired ratios; 'FLOPs' the ratio of the work each path does; 'max diff' "
+                   "the largest absolute difference of the pooled states.",
+                   ["prompt", "K", "whole last layer (s)", "last layer at K (s)", "speed-up", "FLOPs", "max diff"],
+                   [r for r, _ in results], [c for _, c in results])
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +479,8 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=512, help="BBC passages to encode.")
     parser.add_argument("--encode-length", type=int, default=128)
     parser.add_argument("--encode-batch", type=int, default=32)
+    parser.add_argument("--encode-rounds", type=int, default=2, help="Timed rounds of the encode benchmark.")
+    parser.add_argument("--repeats-last-layer", type=int, default=10)
     parser.add_argument("--int8-model", default=None,
                         help="Default: smollm2-adapted-finetuned of runs/demo-full/report.json.")
     parser.add_argument("--int8-dataset", default="runs/demo-full/data/bbc",
@@ -448,7 +501,8 @@ def main() -> None:
     peak = matmul_peak(args.device, dtype_of(args.device))
     sections = [Section("Peak", "matrix products of 2048 x 2048 (8192 on GPU), best of 10",
                         ["figure", "value"], [[f"{args.dtype_name} matmul GFLOP/s", f"{peak:.0f}"]])]
-    runners = {"adapt": bench_adapt, "padding": bench_padding, "encode": bench_encode, "memory": bench_memory,
+    runners = {"adapt": bench_adapt, "padding": bench_padding, "encode": bench_encode,
+               "lastlayer": bench_last_layer, "memory": bench_memory,
                "search": bench_search, "int8": bench_int8}
     for name in args.only:
         if name in runners:
