@@ -1,7 +1,8 @@
 """`llama2vec demo`: the paper's claim tested end to end on the embedded defaults.
 
 Stages (each cached in the output folder; `--force` redoes them; an interrupted stage resumes):
-data -> adapt SmolLM2 (EBAE + EBAR, Wikipedia + BBC train bodies) -> fine-tune the adapted and the
+data -> adapt SmolLM2 (EBAE + EBAR, Wikipedia + BBC train bodies) -> choose the query prompt and, where
+the preset lists several, the fine-tuning recipe on the dev split -> fine-tune the adapted and the
 unadapted model with the same recipe -> evaluate every system on the same BBC test protocol ->
 label curve (fine-tuning on the first n training queries) -> report.json, report.md, charts.
 """
