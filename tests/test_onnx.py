@@ -1,9 +1,10 @@
-"""The ONNX Runtime encoding backends: the float32 export equals torch, int8 stays close, exports are cached."""
+"""The encoding backends: the ONNX float32 export equals torch, int8 and bfloat16 stay close, exports are cached."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_model, make_tokenizer
 
 from llama2vec import onnx_int8
@@ -61,6 +62,15 @@ def test_quantised_nodes_are_the_linear_layers(encoders):
 
     ops = [n.op_type for n in onnx.load(str(enc["onnx-int8"].onnx.path)).graph.node]
     assert ops.count("MatMulNBits") == 7 * layers
+
+
+def test_bfloat16_backend_is_close_to_float32(encoders):
+    folder, _, enc = encoders
+    bf16 = Llama2Vec.from_pretrained(str(folder), device="cpu", backend="torch-bfloat16", batch_size=3)
+    assert bf16.model.dtype == torch.bfloat16 and enc["torch"].model.dtype == torch.float32
+    reference, emb = enc["torch"].encode_corpus(TEXTS), bf16.encode_corpus(TEXTS)
+    assert emb.dtype == np.float32 and (reference * emb).sum(1).min() > 0.99
+    assert ((emb @ emb.T).argsort(1)[:, -2] == (reference @ reference.T).argsort(1)[:, -2]).all()
 
 
 def test_unknown_backend_is_named(tmp_path):

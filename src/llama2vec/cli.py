@@ -144,7 +144,8 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     from .config import BACKENDS
 
     p.add_argument("--backend", choices=BACKENDS, default="torch",
-                   help="onnx-int8: CPU encoding with int8 weights through ONNX Runtime (exported once, cached).")
+                   help="torch-bfloat16: torch in bfloat16, also on the CPU; onnx-int8: CPU encoding with int8 "
+                        "weights through ONNX Runtime (exported once, cached).")
 
 
 def build_parser() -> argparse.ArgumentParser:
