@@ -187,13 +187,19 @@ def sentence_transformer(folder: str, device: str, max_length: int):
     return SentenceTransformer(modules=[word, pooling], device=device)
 
 
+def whole_last_layer_states(lm, ids, pos, mask, k: int):
+    """The plain path `last_states` replaces: the whole forward, then the last k states."""
+    from llama2vec.losses import decoder_states
+
+    return decoder_states(lm, ids, pos, mask)[:, -k:]
+
+
 def whole_last_layer(encoder, texts: list[str]) -> np.ndarray:
     """llama2vec's encoding with the plain path: the last layer run at every position."""
     import llama2vec.encoder as enc_mod
-    from llama2vec.losses import decoder_states
 
     fast = enc_mod.last_states
-    enc_mod.last_states = lambda lm, ids, pos, mask, k: decoder_states(lm, ids, pos, mask)[:, -k:]
+    enc_mod.last_states = whole_last_layer_states
     try:
         return encoder.encode_corpus(texts)
     finally:
@@ -276,7 +282,7 @@ def last_layer_row(args, preset: str) -> tuple[list, tuple]:
     from llama2vec.collate import left_pad
     from llama2vec.config import PromptConfig
     from llama2vec.encoder import Llama2Vec
-    from llama2vec.losses import decoder_states, last_states, unwrap_lm
+    from llama2vec.losses import last_states, unwrap_lm
 
     enc = Llama2Vec.from_pretrained("smollm2", device=args.device, prompt=PromptConfig(prompt_preset=preset),
                                     max_length=args.encode_length)
@@ -284,7 +290,7 @@ def last_layer_row(args, preset: str) -> tuple[list, tuple]:
     rows = [enc.ids.wrap(r, "self") for r in enc.tokenize(bbc_texts(args.encode_batch), args.encode_length)]
     ids, mask, pos = (x.to(lm.device) for x in left_pad(rows, enc.tokenizer.pad_token_id))
     paths = {"last layer at K": lambda: last_states(lm, ids, pos, mask, k),
-             "whole last layer": lambda: decoder_states(lm, ids, pos, mask)[:, -k:]}
+             "whole last layer": lambda: whole_last_layer_states(lm, ids, pos, mask, k)}
     times: dict[str, list[float]] = {name: [] for name in paths}
     with torch.inference_mode():
         diff = float((paths["last layer at K"]() - paths["whole last layer"]()).abs().max())

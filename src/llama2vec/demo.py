@@ -300,9 +300,10 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     eval_set = build_eval_set(bbc, out / "data" / "eval", s)
     n_train = len(read_train(bbc / "train.jsonl"))
     test = read_beir(eval_set, "test")
+    dev = build_eval_set(bbc, out / "data" / "dev", s, split="dev")  # where the prompt and recipe are chosen
     n_dev = (0, 0)
     if len(s.recipes) > 1:
-        dev_set = read_beir(build_eval_set(bbc, out / "data" / "dev", s, split="dev"), "test")
+        dev_set = read_beir(dev, "test")
         n_dev = (len(dev_set.corpus), len(dev_set.queries))
     est = estimate_seconds(s, len(test.corpus), len(test.queries), n_dev)
     print(f"llama2vec demo, preset {preset}: {len(test.queries)} test queries, {len(test.corpus)} passages; "
@@ -313,7 +314,6 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     stage("adapt")
     prompt_choice = None
     if s.query_prompt == "auto":
-        dev = build_eval_set(bbc, out / "data" / "dev", s, split="dev")
         prompt_choice = choose_query_prompt(adapted, dev, out / "eval" / "query_prompt_dev.json", s)
         s = dataclasses.replace(s, query_prompt=prompt_choice["chosen"])
         print(f"query prompt chosen on the dev split: {s.query_prompt} {prompt_choice['dev_ndcg@10']}")
@@ -329,7 +329,6 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     recipe_choice = None
     recipe = s.recipes[0]
     if len(s.recipes) > 1:
-        dev = build_eval_set(bbc, out / "data" / "dev", s, split="dev")
         dev_scores = {}
         for candidate in s.recipes:
             scores = {name: run_eval(str(finetuned(name, s.recipe_queries, s.seeds[0], candidate)), dev,

@@ -64,9 +64,10 @@ def last_states(lm: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tens
     mask = create_causal_mask(config=base.config, inputs_embeds=h, attention_mask=attention_mask, cache=None,
                               position_ids=position_ids)
     rope = base.rotary_emb(h, position_ids=position_ids)  # cos, sin: (B, L, head_dim) each
-    for layer in base.layers[: base.config.num_hidden_layers - 1]:
+    *body, last = base.layers[: base.config.num_hidden_layers]
+    for layer in body:
         h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
-    return base.norm(_last_layer_at_tail(base.layers[base.config.num_hidden_layers - 1], h, attention_mask, rope, k))
+    return base.norm(_last_layer_at_tail(last, h, attention_mask, rope, k))
 
 
 def _last_layer_at_tail(layer: nn.Module, h: torch.Tensor, attention_mask: torch.Tensor,
@@ -77,14 +78,13 @@ def _last_layer_at_tail(layer: nn.Module, h: torch.Tensor, attention_mask: torch
     attn, (cos, sin) = layer.self_attn, rope
     b, n, _ = h.shape
     x = layer.input_layernorm(h)
-    heads = attn.config.num_attention_heads  # fixed head counts keep the shapes static under export
+    heads, groups = attn.config.num_attention_heads, attn.num_key_value_groups  # fixed: static shapes in export
     q = attn.q_proj(x[:, -k:]).view(b, -1, heads, attn.head_dim).transpose(1, 2)  # (B, heads, k, d)
-    kv_shape = (b, n, heads // attn.num_key_value_groups, attn.head_dim)
+    kv_shape = (b, n, heads // groups, attn.head_dim)
     key = attn.k_proj(x).view(kv_shape).transpose(1, 2)  # (B, kv heads, L, d)
     value = attn.v_proj(x).view(kv_shape).transpose(1, 2)
     q, _ = apply_rotary_pos_emb(q, q, cos[:, -k:], sin[:, -k:])
     key, _ = apply_rotary_pos_emb(key, key, cos, sin)
-    groups = attn.num_key_value_groups
     columns = torch.arange(n, device=h.device)
     causal = columns[None, :] <= columns[-k:, None]  # (k, L): query i sits at column L - k + i
     allowed = causal[None] & attention_mask[:, None, :].bool()  # (B, k, L)
