@@ -76,3 +76,22 @@ def test_bfloat16_backend_is_close_to_float32(encoders):
 def test_unknown_backend_is_named(tmp_path):
     with pytest.raises(Llama2VecError, match="unknown backend 'tensorrt'"):
         Llama2Vec.from_pretrained(str(tmp_path), backend="tensorrt")
+
+
+def test_compiled_backend_equals_torch_without_recompiling(encoders):
+    folder, _, enc = encoders
+    compiled = Llama2Vec.from_pretrained(str(folder), device="cpu", backend="torch-compile", batch_size=3)
+    assert compiled.states_fn is not None and enc["torch"].states_fn is None
+    texts = TEXTS + [t.upper() for t in TEXTS]
+    np.testing.assert_allclose(compiled.encode_corpus(texts), enc["torch"].encode_corpus(texts), atol=1e-5)
+    # Other batch sizes (one row included) and lengths reuse the one compiled graph.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for some in (texts[:1], texts[2:7], texts[:2]):
+            np.testing.assert_allclose(compiled.encode_queries(some), enc["torch"].encode_queries(some), atol=1e-5)
+
+
+def test_compiled_backend_needs_a_compiler(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(Llama2VecError, match="needs a C.. compiler"):
+        Llama2Vec.from_pretrained(str(tiny_model_dir), device="cpu", backend="torch-compile")

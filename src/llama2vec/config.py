@@ -33,7 +33,7 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
 
 
 # Encoding backends (see Llama2Vec.from_pretrained).
-BACKENDS = ("torch", "torch-bfloat16", "onnx-int8", "onnx")
+BACKENDS = ("torch", "torch-bfloat16", "torch-compile", "onnx-int8", "onnx")
 
 @dataclass
 class ModelConfig:
