@@ -52,9 +52,9 @@ def embed_ids(model, ids: PromptIds, rows: list[list[int]], task: str, pad_id: i
 def compiled_last_states(device: torch.device):
     """`last_states` compiled by TorchInductor with the weights frozen into the graph
     (`torch.compile(..., options={"freezing": True})`): the norms, rotary embedding, activation and
-    residual additions fuse into few kernels, and the matrix products run on pre-packed weights.
-    Shapes are dynamic, so one compilation serves every batch of two rows or more (the encoder
-    pads a one-row batch to two). Inference only: the weights are read at the first call."""
+    residual additions, one pass over the activations each in eager torch, fuse into few loops.
+    Shapes are dynamic, so one compilation serves every batch of two rows or more (the encoder pads
+    a one-row batch to two). Inference only: the weights are read at the first call."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
     if device.type == "cpu" and not compiler:
         raise Llama2VecError("backend torch-compile needs a C++ compiler (g++ or clang++, or CXX set)")
@@ -87,7 +87,7 @@ class Llama2Vec:
         compiled by TorchInductor at the first batch, see `compiled_last_states`: a fixed cost of
         about a minute and a half on two CPU cores, then faster float32 encoding; for large
         corpora); 'onnx-int8' (CPU: int8 weights through ONNX Runtime, exported once and cached); or
-        'onnx' (the same export in float32, for checking the export itself)."""
+        'onnx' (the same export in float32: torch's embeddings, faster than eager torch on a CPU)."""
         if backend not in BACKENDS:
             raise Llama2VecError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if backend == "torch-bfloat16":
