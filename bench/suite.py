@@ -17,6 +17,7 @@ Timings are medians of repeats or single passes over hundreds of passages, never
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -194,16 +195,11 @@ def whole_last_layer_states(lm, ids, pos, mask, k: int):
     return decoder_states(lm, ids, pos, mask)[:, -k:]
 
 
-def whole_last_layer(encoder, texts: list[str]) -> np.ndarray:
-    """llama2vec's encoding with the plain path: the last layer run at every position."""
-    import llama2vec.encoder as enc_mod
-
-    fast = enc_mod.last_states
-    enc_mod.last_states = whole_last_layer_states
-    try:
-        return encoder.encode_corpus(texts)
-    finally:
-        enc_mod.last_states = fast
+def whole_last_layer(encoder):
+    """The same encoder (sharing its model) on the plain path: the last layer run at every position."""
+    plain = copy.copy(encoder)
+    plain.states_fn = whole_last_layer_states
+    return plain
 
 
 def bench_encode(args, peak: float) -> Section:
@@ -223,7 +219,8 @@ def bench_encode(args, peak: float) -> Section:
     flops = forward_flops(ours.model, lengths, ours.ids.k)
     # Each system maps a list of passage indices to embeddings.
     systems = {"llama2vec (length-sorted)": lambda idx: ours.encode_corpus([texts[i] for i in idx])}
-    systems["llama2vec, whole last layer"] = lambda idx: whole_last_layer(ours, [texts[i] for i in idx])
+    whole = whole_last_layer(ours)
+    systems["llama2vec, whole last layer"] = lambda idx: whole.encode_corpus([texts[i] for i in idx])
     st = sentence_transformer(folder, args.device, longest)
     systems["sentence-transformers"] = lambda idx: st.encode(
         [strings[i] for i in idx], batch_size=args.encode_batch, normalize_embeddings=True, convert_to_numpy=True)

@@ -39,7 +39,7 @@ def embed_ids(model, ids: PromptIds, rows: list[list[int]], task: str, pad_id: i
               onnx: OnnxDecoder | None = None, states_fn=None) -> torch.Tensor:
     """Embeddings (B, H) of tokenised texts (prompt not yet added) for task 'self' or 'next'.
     Differentiable: the contrastive trainer calls it too. With `onnx`, ONNX Runtime runs the decoder;
-    with `states_fn`, that function (a compiled `last_states`) runs the torch model."""
+    with `states_fn`, that function runs the torch model in place of `last_states` (the compiled one)."""
     input_ids, mask, positions = left_pad([ids.wrap(r, task) for r in rows], pad_id)  # (B, L) each
     if onnx is not None:
         return pool(onnx(input_ids, mask, positions), pooling)
@@ -53,12 +53,21 @@ def compiled_last_states(device: torch.device):
     """`last_states` compiled by TorchInductor with the weights frozen into the graph
     (`torch.compile(..., options={"freezing": True})`): the norms, rotary embedding, activation and
     residual additions, one pass over the activations each in eager torch, fuse into few loops.
-    Shapes are dynamic, so one compilation serves every batch of two rows or more (the encoder pads
-    a one-row batch to two). Inference only: the weights are read at the first call."""
+    Shapes are dynamic, so one compilation serves every batch; a one-row batch, which the compiler
+    would specialise in a graph of its own, runs as two copies of its row. Inference only: the
+    weights are read at the first call."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
     if device.type == "cpu" and not compiler:
         raise Llama2VecError("backend torch-compile needs a C++ compiler (g++ or clang++, or CXX set)")
-    return torch.compile(last_states, dynamic=True, options={"freezing": True})
+    compiled = torch.compile(last_states, dynamic=True, options={"freezing": True})
+
+    def states(lm, input_ids, position_ids, attention_mask, k: int) -> torch.Tensor:
+        if input_ids.shape[0] > 1:
+            return compiled(lm, input_ids, position_ids, attention_mask, k)
+        rows = (t.repeat(2, 1) for t in (input_ids, position_ids, attention_mask))
+        return compiled(lm, *rows, k)[:1]
+
+    return states
 
 
 class Llama2Vec:
@@ -130,11 +139,9 @@ class Llama2Vec:
         for start in tqdm(range(0, len(order), batch_size), desc=f"encoding ({task})", unit="batch",
                           disable=not self.show_progress):
             idx = order[start: start + batch_size]
-            batch = [rows[i] for i in idx]
-            if self.states_fn is not None and len(batch) == 1:
-                batch = batch * 2  # a compiled graph is specialised to one row: keep to the general one
-            emb = embed_ids(self.model, self.ids, batch, task, pad, self.spec.pooling, self.onnx, self.states_fn)
-            out[idx] = emb[: len(idx)].cpu().numpy()
+            emb = embed_ids(self.model, self.ids, [rows[i] for i in idx], task, pad, self.spec.pooling, self.onnx,
+                            self.states_fn)
+            out[idx] = emb.cpu().numpy()
         return out
 
     def encode_queries(self, queries: list[str], batch_size: int | None = None, **kwargs) -> np.ndarray:
