@@ -72,7 +72,7 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr("llama2vec.finetune.finetune", no_training)
     monkeypatch.setattr("llama2vec.adapt.adapt", no_training)
-    monkeypatch.setattr(demo_mod, "run_eval", lambda *a, **k: json.loads(a[2].read_text()))
+    monkeypatch.setattr(demo_mod, "evaluate_system", lambda *a, **k: json.loads(a[2].read_text()))
     again = demo(output=str(out), settings=tiny_settings(tiny_model_dir))
     assert again["systems"] == report["systems"]
 

@@ -137,7 +137,7 @@ def test_encode_to_folder_resumes_after_a_kill(tmp_path, monkeypatch):
 
     monkeypatch.setattr(encoder_mod.Llama2Vec, "encode_ids", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        encode_to_folder(enc, ids, TEXTS, tmp_path / "emb", "self", shard_size=4)
+        encode_to_folder(enc, ids, TEXTS, tmp_path / "emb", "self", shard_size=4, dtype="float16")
     assert not (tmp_path / "emb" / "meta.json").exists()
     assert len(list((tmp_path / "emb" / "shards").glob("shard-*.npy"))) == 1
     monkeypatch.setattr(encoder_mod.Llama2Vec, "encode_ids", real)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .collate import PretextCollator, excluded_target_ids
 from .config import DataConfig, ModelConfig, PretextConfig, PromptConfig, TrainConfig, save_resolved, to_dict
-from .data import PairDataset, build_pair_cache, pair_cache_key
+from .data import PairDataset, build_pair_cache
+from .encoder import truncation
 from .errors import Llama2VecError
 from .losses import PretextModel, PretextWeights
 from .models import add_placeholder_tokens, apply_lora, load_causal_lm
@@ -45,12 +47,14 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
                   extra={"command": "adapt"})
 
     chunk_tokens = data_cfg.chunk_tokens or data_cfg.max_length
-    key = pair_cache_key(corpus, tokenizer, chunk_tokens, data_cfg.min_chunk_tokens, data_cfg.max_documents)
     with accelerator.main_process_first():
-        cache = build_pair_cache(corpus, tokenizer, out / "data" / key, chunk_tokens, data_cfg.min_chunk_tokens,
+        cache = build_pair_cache(corpus, tokenizer, out / "data" / "pairs", chunk_tokens, data_cfg.min_chunk_tokens,
                                  data_cfg.max_documents)
     dataset = PairDataset(cache)
     log.info("adaptation data: %s", dataset.meta)
+    chunk_lengths = np.diff(dataset.offsets)  # tokens of every chunk, (C,)
+    pair_chunks = np.concatenate([dataset.pairs, dataset.pairs + 1])  # texts and next texts
+    cut = truncation(chunk_lengths[pair_chunks].tolist(), data_cfg.max_length, "adaptation chunks")
     collator = PretextCollator(ids, tokenizer.pad_token_id, excluded_target_ids(tokenizer, ids, pretext_cfg.stopwords),
                                data_cfg.max_length, joint=pretext_cfg.joint, lm=pretext_cfg.lm_weight > 0)
 
@@ -65,5 +69,5 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
     result = run_training(accelerator, module, dataset, collator, train_cfg, out, "adapt", flat, lengths=lengths)
 
     finish(accelerator, result, tokenizer, spec, out, train_cfg.gradient_checkpointing)
-    result.update(pairs=len(dataset), data=dataset.meta)
+    result.update(pairs=len(dataset), data=dataset.meta, truncation=cut)
     return result

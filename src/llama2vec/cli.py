@@ -77,14 +77,15 @@ def _read_texts(path: str) -> tuple[list[str], list[str]]:
 
 def _encode(args: argparse.Namespace) -> None:
     from .encoder import Llama2Vec, encode_to_folder
-    from .formats import passage_text, read_beir
+    from .formats import beir_corpus, beir_queries, passage_text
 
     if args.dataset:
-        data = read_beir(args.dataset, args.split)
-        if args.what == "corpus":
-            ids, texts = list(data.corpus), [passage_text(d) for d in data.corpus.values()]
+        if args.what == "corpus":  # no qrels needed: a folder of one's own documents is enough
+            corpus = beir_corpus(args.dataset)
+            ids, texts = list(corpus), [passage_text(d) for d in corpus.values()]
         else:
-            ids, texts = list(data.queries), list(data.queries.values())
+            queries = beir_queries(args.dataset, args.split)
+            ids, texts = list(queries), list(queries.values())
     elif args.input:
         ids, texts = _read_texts(args.input)
     else:
@@ -92,16 +93,19 @@ def _encode(args: argparse.Namespace) -> None:
     encoder = Llama2Vec.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
                                         backend=args.backend)
     task = "self" if args.what == "corpus" else encoder.spec.query_task
-    out = encode_to_folder(encoder, ids, texts, args.output, task, args.shard_size, args.dtype)
+    out = encode_to_folder(encoder, ids, texts, args.output, task, args.shard_size, args.dtype,
+                           overwrite=args.overwrite)
     print(f"wrote {len(ids)} embeddings to {out}")
 
 
 def _index(args: argparse.Namespace) -> None:
     from .encoder import load_embeddings
     from .index import build_index, save_index
+    from .store import read_json
 
     ids, emb = load_embeddings(args.embeddings)
-    save_index(args.output, build_index(emb, args.factory), ids, args.factory)
+    source = read_json(f"{args.embeddings}/meta.json").get("fingerprint")
+    save_index(args.output, build_index(emb, args.factory), ids, args.factory, {"embeddings": source})
     print(f"indexed {len(ids)} embeddings ({args.factory}) into {args.output}")
 
 
@@ -204,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=1024, help="Texts per shard (the unit of resuming).")
+    p.add_argument("--overwrite", action="store_true",
+                   help="Encode again into an --output that holds embeddings made from other inputs or options.")
     p.add_argument("--device", default="auto")
     _add_backend(p)
     p.set_defaults(func=_encode)
@@ -271,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llama2vec: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # permission denied, disk full, ...: the file and the reason, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"llama2vec: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import Llama2VecError
+from .store import atomic_write
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -194,44 +197,151 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type, aliases: dict[str
                         help="YAML or JSON file of options; flags given here override it.")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: str, what: str) -> None:
+    """A JSON or YAML escape can make a lone surrogate ("\\ud800") that no encoding can write: an
+    error naming `what` (file, line, field)."""
+    if _SURROGATE.search(value):
+        raise Llama2VecError(f"{what} holds a lone surrogate (an unpaired \\ud800-\\udfff escape): not valid text")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def strict_json(text: str) -> Any:
+    """json.loads without the NaN/Infinity extension. Raises JSONDecodeError, ValueError (NaN, an
+    integer of over 4300 digits) or RecursionError (nested too deep)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def read_text_file(path: Path, missing: str = "file not found") -> str:
+    """A whole UTF-8 file, a leading byte order mark dropped; errors name the file (and line)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise Llama2VecError(f"{path}: {missing}") from None
+    except IsADirectoryError:
+        raise Llama2VecError(f"{path}: is a folder, expected a file") from None
+    except OSError as e:  # permission denied and the like
+        raise Llama2VecError(f"{path}: cannot read: {e.strerror or e}") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise Llama2VecError(f"{path}:{line}: bytes that are not UTF-8 (byte 0x{raw[e.start]:02x})") from None
+
+
+def parse_json_text(path: Path, text: str) -> Any:
+    """Strict JSON; errors name the file and line."""
+    try:
+        return strict_json(text)
+    except json.JSONDecodeError as e:
+        raise Llama2VecError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise Llama2VecError(f"{path}: not valid JSON: {e}") from None
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader whose value errors (``!!int abc``, the date 2024-13-45) carry the node's line."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            raise yaml.constructor.ConstructorError(None, None, f"bad value: {e}", node.start_mark) from None
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    """YAML (safe tags only); errors name the file and line."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise Llama2VecError(f"{where}: not valid YAML: {e.problem or e.context}") from None
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1
+        raise Llama2VecError(f"{path}:{line}: not valid YAML: {e.reason}") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise Llama2VecError(f"{path}: not valid YAML: {e}") from None
+
+
 def load_config_file(path: Path | None) -> dict[str, Any]:
-    """Read a flat or grouped YAML/JSON mapping of option names to values."""
+    """Read a flat or grouped YAML/JSON mapping of option names to values (a .json file as strict
+    JSON, any other as YAML). Errors name the file, and the line where there is one."""
     if path is None:
         return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise Llama2VecError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise Llama2VecError(f"{path}: not valid YAML: {e}") from None
+    text = read_text_file(path, "config file not found")
+    if not text.strip():
+        return {}
+    data = parse_json_text(path, text) if path.suffix.lower() == ".json" else _parse_yaml(path, text)
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise Llama2VecError(f"{path}: the top level must be a mapping of option names to values")
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):  # grouped: {train: {learning_rate: ...}}
-            flat.update({k.replace("-", "_"): v for k, v in value.items()})
-        else:
-            flat[key.replace("-", "_")] = value
+        group = value.items() if isinstance(value, dict) else [(key, value)]  # grouped: {train: {learning_rate: ...}}
+        for name, v in group:
+            if not isinstance(name, str):
+                raise Llama2VecError(f"{path}: option names must be strings, got {name!r:.60}")
+            flat[name.replace("-", "_")] = v
     return flat
 
 
+def _file_value(path: Path, name: str, value: Any, hint: Any) -> Any:
+    """A config file's value for field `name`, checked against the field's type. Numbers may be
+    written as text, as on the command line (YAML reads 5e-5 as a string)."""
+    tp, optional = _base_type(hint), type(None) in typing.get_args(hint)
+    if value is None and optional:
+        return None
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        check_text(value, f"{path}: option {name!r}")
+        return value
+    if tp in (int, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = tp(value) if tp is float or not isinstance(value, float) else None
+        except (ValueError, OverflowError):
+            number = None
+        if number is not None and (tp is int or math.isfinite(number)):
+            return number
+    kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
+    raise Llama2VecError(f"{path}: option {name!r} must be {kind}{' or null' if optional else ''}, got {value!r:.60}")
+
+
 def build_configs(args: argparse.Namespace, *classes: type) -> list[Any]:
-    """Instantiate each dataclass from (config file values, then flags)."""
-    values = load_config_file(getattr(args, "config", None))
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")})
-    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    """Instantiate each dataclass from (config file values, then flags). The file's values are
+    checked against the field types, and an error they cause names the file."""
+    path = getattr(args, "config", None)
+    values = load_config_file(path)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")}
+    hints = {}
+    for cls in classes:
+        cls_hints = typing.get_type_hints(cls)
+        hints.update({f.name: cls_hints[f.name] for f in dataclasses.fields(cls)})
+    unknown = sorted((set(values) | set(flags)) - set(hints))
     if unknown:
-        raise Llama2VecError(f"unknown option(s) in the config file: {', '.join(unknown)}")
+        where = f"{path}: " if set(unknown) & set(values) else ""
+        raise Llama2VecError(f"{where}unknown option(s) in the config file: {', '.join(unknown)}")
+    from_file = {k: _file_value(path, k, v, hints[k]) for k, v in values.items() if k not in flags}
+    values = {**from_file, **flags}
     out = []
     for cls in classes:
         names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in names}
+        where = f"{path}: " if names & set(from_file) else ""
         try:
-            out.append(cls(**{k: v for k, v in values.items() if k in names}))
-        except TypeError as e:
-            raise Llama2VecError(f"bad option value: {e}") from None
+            out.append(cls(**kwargs))
+        except Llama2VecError as e:
+            raise Llama2VecError(f"{where}{e}") from None
+        except (TypeError, ValueError) as e:
+            raise Llama2VecError(f"{where}bad option value: {e}") from None
     return out
 
 
@@ -244,9 +354,5 @@ def save_resolved(path: Path, *configs: Any, extra: dict[str, Any] | None = None
     data = to_dict(*configs)
     if extra:
         data.update(extra)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    if path.suffix == ".json":
-        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    else:
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+    atomic_write(path, text)

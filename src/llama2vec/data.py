@@ -11,16 +11,16 @@ import bz2
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .config import check_text, strict_json
 from .errors import Llama2VecError
+from .store import atomic_folder, differences, file_identity, fingerprint, read_json_or_none, write_lines
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +47,28 @@ class ReadStats:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line), with a clear error for bytes that are not UTF-8."""
+    """(line number, decoded line), with a clear error for bytes that are not UTF-8 and for a file
+    that cannot be read. A UTF-8 byte order mark opening the file is dropped."""
     try:
         fh = path.open("rb")
     except FileNotFoundError:
         raise Llama2VecError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise Llama2VecError(f"{path}: is a folder, expected a file") from None
+    except OSError as e:  # permission denied and the like
+        raise Llama2VecError(f"{path}: cannot read: {e.strerror or e}") from None
     with fh:
-        for number, raw in enumerate(fh, start=1):
+        number = 0
+        while True:
+            try:
+                raw = fh.readline()
+            except OSError as e:
+                raise Llama2VecError(f"{path}:{number + 1}: cannot read: {e.strerror or e}") from None
+            if not raw:
+                return
+            number += 1
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -70,10 +83,13 @@ def _field(obj: dict, name: str, where: str, required: bool) -> str:
             raise Llama2VecError(f"{where}: missing field {name!r}")
         return ""
     value = obj[name]
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and name in ("id", "_id"):
+    is_id = name in ("id", "_id")
+    if is_id and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
-        raise Llama2VecError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+        kind = "a string or an integer" if is_id else "a string"
+        raise Llama2VecError(f"{where}: field {name!r} must be {kind}, got {type(value).__name__}")
+    check_text(value, f"{where}: field {name!r}")
     return value
 
 
@@ -84,9 +100,11 @@ def read_objects(path: Path) -> Iterator[tuple[str, dict]]:
             continue
         where = f"{path}:{number}"
         try:
-            obj = json.loads(line)
+            obj = strict_json(line)
         except json.JSONDecodeError as e:
             raise Llama2VecError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # NaN, an integer of over 4300 digits, deep nesting
+            raise Llama2VecError(f"{where}: invalid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise Llama2VecError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         yield where, obj
@@ -112,7 +130,7 @@ def read_text(path: Path, stats: ReadStats | None = None) -> Iterator[Document]:
         if line.strip():
             if not block:
                 start = number
-            block.append(line.rstrip("\n"))
+            block.append(line.rstrip("\r\n"))
         elif block:
             yield Document(f"{path.name}:{start}", "", "\n".join(block))
             block = []
@@ -126,28 +144,50 @@ def read_parquet(path: Path, stats: ReadStats | None = None, text_field: str = "
 
     try:
         pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
     except FileNotFoundError:
         raise Llama2VecError(f"{path}: file not found") from None
-    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError and friends
         raise Llama2VecError(f"{path}: not a readable Parquet file: {e}") from None
-    names = pf.schema_arrow.names
     if text_field not in names:
         raise Llama2VecError(f"{path}: no column {text_field!r} (columns: {', '.join(names)})")
     columns = [c for c in (text_field, "title", "id") if c in names]
+    for c in columns:
+        if names.count(c) > 1:
+            raise Llama2VecError(f"{path}: column {c!r} appears {names.count(c)} times")
     row = 0
-    for batch in pf.iter_batches(columns=columns, batch_size=1024):
-        data = batch.to_pydict()
+    for data in _parquet_batches(pf, path, columns):
         for i, text in enumerate(data[text_field]):
             row += 1
             where = f"{path}: row {row}"
             if text is not None and not isinstance(text, str):
-                raise Llama2VecError(f"{where}: field {text_field!r} must be a string")
+                raise Llama2VecError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
             if not text or not text.strip():
                 _skip(stats, where)
                 continue
-            title = data.get("title", [None] * len(data[text_field]))[i] or ""
-            doc_id = data.get("id", [None] * len(data[text_field]))[i]
-            yield Document(str(doc_id if doc_id is not None else row), str(title), text)
+            title = data["title"][i] if "title" in data else None
+            doc_id = data["id"][i] if "id" in data else None
+            if title is not None and not isinstance(title, str):
+                raise Llama2VecError(f"{where}: field 'title' must be a string, got {type(title).__name__}")
+            if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
+                raise Llama2VecError(f"{where}: field 'id' must be a string or an integer, got {type(doc_id).__name__}")
+            yield Document(str(doc_id if doc_id is not None else row), title or "", text)
+
+
+def _parquet_batches(pf, path: Path, columns: list[str]) -> Iterator[dict[str, list]]:
+    """Column name -> values, batch by batch; damaged data is an error naming the file and rows."""
+    batches = pf.iter_batches(columns=columns, batch_size=1024)
+    done = 0
+    while True:
+        try:
+            batch = next(batches, None)
+            data = None if batch is None else batch.to_pydict()
+        except Exception as e:  # ArrowInvalid, OSError: a damaged page
+            raise Llama2VecError(f"{path}: row {done + 1} onwards: not a readable Parquet file: {e}") from None
+        if batch is None or data is None:
+            return
+        done += batch.num_rows
+        yield data
 
 
 def _skip(stats: ReadStats | None, where: str) -> None:
@@ -226,26 +266,10 @@ def wiki_documents(min_words: int = 50) -> Iterator[Document]:
                 yield Document(str(page_id), title, text)
 
 
-def write_jsonl(rows: Iterable[dict], output: str | Path) -> int:
-    """Write rows as JSONL atomically (temporary file, then rename). Returns the row count."""
-    output = Path(output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-        n = 0
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-        tmp.replace(output)
-    except (NotADirectoryError, PermissionError, FileExistsError) as e:
-        raise Llama2VecError(f"{output}: cannot write: {e.strerror or e}") from None
-    return n
-
-
 def build_wiki(output: str | Path) -> int:
     """`llama2vec data wiki`: write the bundled Wikipedia sample as JSONL {id, title, text}."""
-    return write_jsonl(({"id": d.id, "title": d.title, "text": d.text} for d in wiki_documents()), output)
+    rows = ({"id": d.id, "title": d.title, "text": d.text} for d in wiki_documents())
+    return write_lines(Path(output), (json.dumps(r, ensure_ascii=False) for r in rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,54 +310,56 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha1(json.dumps(vocab[:2000] + vocab[-2000:]).encode() + str(len(vocab)).encode()).hexdigest()[:12]
 
 
-def pair_cache_key(corpus: Path, tokenizer, chunk_tokens: int, min_chunk_tokens: int, max_documents: int | None) -> str:
-    st = corpus.stat()
-    parts = (corpus.resolve(), st.st_size, st.st_mtime_ns, _tokenizer_fingerprint(tokenizer), chunk_tokens,
-             min_chunk_tokens, max_documents, "v1")
-    raw = "|".join(map(str, parts))
-    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+def pair_cache_fingerprint(corpus: Path, tokenizer, chunk_tokens: int, min_chunk_tokens: int,
+                           max_documents: int | None, title: bool = True) -> dict:
+    """What a chunk-pair cache is made from: the corpus's content, the tokenizer and the chunking."""
+    return fingerprint(corpus=file_identity(corpus), tokenizer=_tokenizer_fingerprint(tokenizer),
+                       chunk_tokens=chunk_tokens, min_chunk_tokens=min_chunk_tokens, max_documents=max_documents,
+                       title=title, format="pairs-v2")
 
 
 def build_pair_cache(corpus: str | Path, tokenizer, folder: str | Path, chunk_tokens: int, min_chunk_tokens: int = 16,
                      max_documents: int | None = None, title: bool = True) -> Path:
     """Chunk every document and write the chunks to disk as one int32 token file plus offsets;
-    a pair is (chunk i, chunk i+1) of the same document. Written under a temporary name and
-    renamed, so a killed run never leaves a cache that looks complete. Reused when present."""
+    a pair is (chunk i, chunk i+1) of the same document. Written atomically (see `store`), with its
+    fingerprint in meta.json; reused only when the fingerprint matches."""
     from tqdm.auto import tqdm
 
     corpus, folder = Path(corpus), Path(folder)
-    if (folder / "meta.json").is_file():
-        return folder
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    fp = pair_cache_fingerprint(corpus, tokenizer, chunk_tokens, min_chunk_tokens, max_documents, title)
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        old = read_json_or_none(meta_path) or {}
+        if old.get("fingerprint") == fp:
+            return folder
+        log.info("%s: made from other data or options (%s differ): rebuilt", folder,
+                 ", ".join(differences(old.get("fingerprint"), fp)))
     stats = ReadStats()
     offsets = [0]
     pair_starts: list[int] = []
     n_docs = 0
-    with (tmp / "tokens.bin").open("wb") as fh:
-        for doc in tqdm(read_documents(corpus, stats, max_documents), desc="chunking", unit="doc"):
-            text = f"{doc.title}\n{doc.text}" if title and doc.title else doc.text
-            chunks = [c for c in chunk_ids(text, tokenizer, chunk_tokens) if len(c) >= min_chunk_tokens]
-            n_docs += 1
-            for i, chunk in enumerate(chunks):
-                if i + 1 < len(chunks):
-                    pair_starts.append(len(offsets) - 1)
-                fh.write(np.asarray(chunk, dtype=np.int32).tobytes())
-                offsets.append(offsets[-1] + len(chunk))
-    if stats.empty:
-        log.warning("%s: skipped %d empty document(s), first at %s", corpus, stats.empty, ", ".join(stats.where))
-    if not pair_starts:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise Llama2VecError(f"{corpus}: no (text, next text) pairs: documents need at least two chunks of "
-                             f"{min_chunk_tokens}+ tokens (read {n_docs} document(s))")
-    np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    np.save(tmp / "pairs.npy", np.asarray(pair_starts, dtype=np.int64))
-    meta = {"corpus": str(corpus), "documents": n_docs, "chunks": len(offsets) - 1, "pairs": len(pair_starts),
-            "tokens": offsets[-1], "skipped_empty": stats.empty, "chunk_tokens": chunk_tokens}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        with (tmp / "tokens.bin").open("wb") as fh:
+            for doc in tqdm(read_documents(corpus, stats, max_documents), desc="chunking", unit="doc"):
+                text = f"{doc.title}\n{doc.text}" if title and doc.title else doc.text
+                chunks = [c for c in chunk_ids(text, tokenizer, chunk_tokens) if len(c) >= min_chunk_tokens]
+                n_docs += 1
+                for i, chunk in enumerate(chunks):
+                    if i + 1 < len(chunks):
+                        pair_starts.append(len(offsets) - 1)
+                    fh.write(np.asarray(chunk, dtype=np.int32).tobytes())
+                    offsets.append(offsets[-1] + len(chunk))
+        if stats.empty:
+            log.warning("%s: skipped %d empty document(s), first at %s", corpus, stats.empty, ", ".join(stats.where))
+        if not pair_starts:
+            raise Llama2VecError(f"{corpus}: no (text, next text) pairs: documents need at least two chunks of "
+                                 f"{min_chunk_tokens}+ tokens (read {n_docs} document(s))")
+        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+        np.save(tmp / "pairs.npy", np.asarray(pair_starts, dtype=np.int64))
+        meta = {"corpus": str(corpus), "documents": n_docs, "chunks": len(offsets) - 1, "pairs": len(pair_starts),
+                "tokens": offsets[-1], "skipped_empty": stats.empty, "chunk_tokens": chunk_tokens,
+                "fingerprint": fp}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return folder
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import shutil
 import statistics
@@ -170,6 +169,36 @@ def build_adapt_corpus(wiki: Path, bbc: Path, out: Path) -> Path:
 # Stages
 
 
+class StageCache:
+    """What made each stage's output, in `stages.json` of the output folder: an output path and the
+    fingerprint of its inputs and settings (and of the code). Before a stage runs, `claim` removes
+    an output that other inputs made (and says so), so that only a matching output, finished or
+    interrupted, is reused or resumed."""
+
+    def __init__(self, out: Path):
+        from .store import code_identity, read_json_or_none
+
+        self.out, self.file = out, out / "stages.json"
+        self.records: dict[str, dict] = read_json_or_none(self.file) or {}
+        self.code = code_identity()
+
+    def claim(self, path: Path, **parts) -> str:
+        """Record the fingerprint of `path` (parts, plus the code); returns a short key that later
+        stages built on this output take as a part."""
+        from .store import differences, fingerprint, fingerprint_key, remove, write_json
+
+        fp = fingerprint(code=self.code, **parts)
+        name = str(path.relative_to(self.out))
+        old = self.records.get(name)
+        if old != fp:
+            if path.exists():
+                print(f"{name}: made with another {', '.join(differences(old, fp))}: recomputed")
+                remove(path)
+            self.records[name] = fp
+            write_json(self.file, self.records)
+        return fingerprint_key(fp)
+
+
 def _done(folder: Path) -> bool:
     return (folder / "llama2vec_config.json").is_file()
 
@@ -220,13 +249,15 @@ def load_llm_encoder(system: str, s: DemoSettings):
     return enc
 
 
-def run_eval(system: str, data: Path, out: Path, s: DemoSettings, run_file: Path | None = None) -> dict:
+def evaluate_system(system: str, data: Path, out: Path, s: DemoSettings, run_file: Path | None = None) -> dict:
     """Metrics of a system on the eval set, cached as JSON (and its run kept for fusion)."""
     from .formats import read_beir, write_run
     from .metrics import evaluate_run
+    from .store import read_json_or_none, write_json
 
-    if out.is_file():
-        return json.loads(out.read_text())
+    cached = read_json_or_none(out)
+    if cached is not None:
+        return cached
     data_set = read_beir(data, "test")
     if system in ("bm25", "minilm"):
         from .evaluate import retrieve
@@ -239,8 +270,7 @@ def run_eval(system: str, data: Path, out: Path, s: DemoSettings, run_file: Path
     if run_file:
         write_run(run_file, run)
     metrics = evaluate_run(data_set.qrels, run)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2))
+    write_json(out, metrics)
     return metrics
 
 
@@ -251,9 +281,11 @@ def choose_query_prompt(adapted: Path, dev: Path, out: Path, s: DemoSettings) ->
     from .formats import read_beir
     from .index import exact_search
     from .metrics import evaluate_run
+    from .store import read_json_or_none, write_json
 
-    if out.is_file():
-        return json.loads(out.read_text())
+    cached = read_json_or_none(out)
+    if cached is not None:
+        return cached
     data = read_beir(dev, "test")
     enc = Llama2Vec.from_pretrained(str(adapted), show_progress=True)
     doc_ids, qids = list(data.corpus), list(data.queries)
@@ -264,8 +296,7 @@ def choose_query_prompt(adapted: Path, dev: Path, out: Path, s: DemoSettings) ->
         run = exact_search(enc.encode_queries([data.queries[q] for q in qids]), passages, qids, doc_ids, 100)
         scores[task] = evaluate_run(data.qrels, run)["ndcg@10"]
     choice = {"dev_ndcg@10": scores, "chosen": max(scores, key=lambda t: (scores[t], t == "next"))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(choice, indent=2))
+    write_json(out, choice)
     return choice
 
 
@@ -286,6 +317,7 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     if force and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    cache = StageCache(out)
     timings: dict[str, float] = {}
     t0 = time.time()
 
@@ -293,10 +325,14 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
         timings[name] = round(max(0.0, time.time() - t0 - sum(timings.values())), 1)
 
     wiki, bbc = out / "data" / "wiki.jsonl", out / "data" / "bbc"
+    data_key = cache.claim(wiki)
     if not wiki.is_file():
         build_wiki(wiki)
+    cache.claim(bbc)
     if not (bbc / "train.jsonl").is_file():
         build_bbc(bbc)
+    sets = {split: cache.claim(out / "data" / name, data=data_key, queries=s.eval_queries, distractors=s.distractors)
+            for split, name in (("test", "eval"), ("dev", "dev"))}
     eval_set = build_eval_set(bbc, out / "data" / "eval", s)
     n_train = len(read_train(bbc / "train.jsonl"))
     test = read_beir(eval_set, "test")
@@ -310,21 +346,48 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
           f"estimated time on a 2-core CPU: about {est / 60:.0f} minutes (stages already done are skipped)")
     stage("data")
 
-    adapted = run_adapt(build_adapt_corpus(wiki, bbc, out / "data" / "adapt_corpus.jsonl"), out / "adapted", s)
+    from .models import resolve_model_path
+    from .store import model_identity
+
+    base_key = model_identity(resolve_model_path(s.base_model))
+    cache.claim(out / "data" / "adapt_corpus.jsonl", data=data_key)
+    corpus = build_adapt_corpus(wiki, bbc, out / "data" / "adapt_corpus.jsonl")
+    adapted_key = cache.claim(out / "adapted", data=data_key, model=base_key, steps=s.adapt_steps,
+                              batch=s.adapt_batch, lr=s.adapt_lr, max_length=s.passage_max_length)
+    adapted = run_adapt(corpus, out / "adapted", s)
     stage("adapt")
     prompt_choice = None
     if s.query_prompt == "auto":
-        prompt_choice = choose_query_prompt(adapted, dev, out / "eval" / "query_prompt_dev.json", s)
+        choice_file = out / "eval" / "query_prompt_dev.json"
+        cache.claim(choice_file, model=adapted_key, dev=sets["dev"], query_max_length=s.query_max_length)
+        prompt_choice = choose_query_prompt(adapted, dev, choice_file, s)
         s = dataclasses.replace(s, query_prompt=prompt_choice["chosen"])
         print(f"query prompt chosen on the dev split: {s.query_prompt} {prompt_choice['dev_ndcg@10']}")
     stage("choose_query_prompt")
 
     models = {"unadapted": s.base_model, "adapted": str(adapted)}
+    model_keys = {s.base_model: base_key, str(adapted): adapted_key, "bm25": "bm25", "minilm": "minilm"}
     evals = out / "eval"
+    # What every fine-tuning run and every evaluation of a SmolLM2 system share.
+    common = dict(query_prompt=s.query_prompt, query_max_length=s.query_max_length,
+                  passage_max_length=s.passage_max_length)
 
     def finetuned(name: str, n: int, seed: int, recipe: Recipe) -> Path:
-        return run_finetune(models[name], bbc / "train.jsonl", n, steps_for(n, s), seed,
-                            out / "finetuned" / recipe.name / f"{name}-n{n}-s{seed}", s, recipe)
+        folder = out / "finetuned" / recipe.name / f"{name}-n{n}-s{seed}"
+        model_keys[str(folder)] = cache.claim(
+            folder, model=model_keys[models[name]], data=data_key, n=n, steps=steps_for(n, s), seed=seed,
+            recipe=dataclasses.asdict(recipe), batch=s.finetune_batch, group_size=s.group_size,
+            temperature=s.temperature, **common)
+        return run_finetune(models[name], bbc / "train.jsonl", n, steps_for(n, s), seed, folder, s, recipe)
+
+    def run_eval(system: str, data: Path, metrics: Path, s: DemoSettings, run_file: Path | None = None) -> dict:
+        """`evaluate_system` of a stage whose inputs are fingerprinted (its run file with it)."""
+        key = cache.claim(metrics, system=model_keys[system], data=sets["dev" if data == dev else "test"], **common)
+        if run_file is not None:
+            cache.claim(run_file, metrics=key)
+            if not run_file.is_file():
+                metrics.unlink(missing_ok=True)
+        return evaluate_system(system, data, metrics, s, run_file)
 
     recipe_choice = None
     recipe = s.recipes[0]
@@ -415,8 +478,9 @@ def _choices(s: dict) -> list[str]:
 def write_report(out: Path, report: dict, systems: dict, main: dict[str, Path]) -> None:
     from .metrics import format_table
     from .plots import plot_label_curve, plot_systems, plot_training_log
+    from .store import atomic_write, write_json
 
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "report.json", report)
     charts = {"systems": plot_systems(report["systems"], out / "systems.png")}
     if report["label_curve"]:
         charts["label_curve"] = plot_label_curve(report["label_curve"], out / "label_curve.png")
@@ -437,6 +501,6 @@ def write_report(out: Path, report: dict, systems: dict, main: dict[str, Path]) 
         lines.append("")
     lines += ["## Timings (s)", "", " ".join(f"{k}: {v}" for k, v in report["timings"].items()), "",
               *(f"![{k}]({Path(v).name})" for k, v in charts.items())]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nreport: {out / 'report.md'}")

@@ -8,10 +8,11 @@ L2-normalised, so the inner product is the cosine similarity.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,18 @@ from .losses import last_states, unwrap_lm
 from .models import add_placeholder_tokens, load_causal_lm, resolve_model_path
 from .onnx_int8 import OnnxDecoder, cached_export
 from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
+from .store import (
+    atomic_file,
+    clean_stale,
+    differences,
+    fingerprint,
+    model_identity,
+    read_json,
+    read_json_or_none,
+    texts_identity,
+    write_json,
+    write_lines,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +91,10 @@ class Llama2Vec:
     backend)."""
 
     def __init__(self, model, tokenizer, spec: PromptSpec, batch_size: int = 16, show_progress: bool = False,
-                 onnx: OnnxDecoder | None = None, compile: bool = False):
+                 onnx: OnnxDecoder | None = None, compile: bool = False, source: str | None = None,
+                 backend: str = "torch"):
         self.model, self.tokenizer, self.spec = model.eval(), tokenizer, spec
+        self.source, self.backend = source, backend  # the model folder or hub id, and how it runs
         self.ids = prompt_ids(spec, tokenizer)
         self.batch_size, self.show_progress, self.onnx = batch_size, show_progress, onnx
         self.states_fn = compiled_last_states(next(model.parameters()).device) if compile else None
@@ -99,6 +114,7 @@ class Llama2Vec:
         'onnx' (the same export in float32: torch's embeddings, faster than eager torch on a CPU)."""
         if backend not in BACKENDS:
             raise Llama2VecError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        kwargs["backend"] = backend
         if backend == "torch-bfloat16":
             backend, dtype = "torch", "bfloat16"
         if backend == "torch-compile":
@@ -118,13 +134,16 @@ class Llama2Vec:
             onnx_path = cached_export(path, unwrap_lm(model).base_model, k, tokenizer.pad_token_id,
                                       quantise=backend == "onnx-int8", tokens=spec.new_tokens())
             kwargs["onnx"] = OnnxDecoder(onnx_path)
-        return cls(model, tokenizer, spec, **kwargs)
+        return cls(model, tokenizer, spec, source=path, **kwargs)
 
     @property
     def dim(self) -> int:
         return self.model.config.hidden_size
 
-    def tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids of texts, cut to `max_length` tokens when given."""
+        if max_length is None:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
 
     @torch.inference_mode()
@@ -158,15 +177,14 @@ class Llama2Vec:
 
 
 def save_embeddings(folder: Path, ids: list[str], emb: np.ndarray, meta: dict | None = None) -> None:
-    """`embeddings.npy` (N, H) + `ids.txt` (one id per line) + `meta.json`, each written atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".embeddings.tmp-{os.getpid()}.npy"
-    np.save(tmp, emb)
-    (folder / "ids.txt.tmp").write_text("".join(i + "\n" for i in ids), encoding="utf-8")
-    (folder / "ids.txt.tmp").replace(folder / "ids.txt")
-    tmp.replace(folder / "embeddings.npy")
-    (folder / "meta.json").write_text(json.dumps({"count": len(ids), "dim": int(emb.shape[1]),
-                                                  "dtype": str(emb.dtype), **(meta or {})}, indent=2))
+    """`embeddings.npy` (N, H) + `ids.txt` (one id per line) + `meta.json`, each written atomically;
+    meta.json comes last and marks the folder complete."""
+    (folder / "meta.json").unlink(missing_ok=True)
+    write_lines(folder / "ids.txt", ids)
+    with atomic_file(folder / "embeddings.npy") as tmp, tmp.open("wb") as fh:
+        np.save(fh, emb)
+    write_json(folder / "meta.json", {"count": len(ids), "dim": int(emb.shape[1]), "dtype": str(emb.dtype),
+                                      **(meta or {})})
 
 
 def load_embeddings(folder: str | Path) -> tuple[list[str], np.ndarray]:
@@ -180,24 +198,69 @@ def load_embeddings(folder: str | Path) -> tuple[list[str], np.ndarray]:
     return ids, emb
 
 
+def truncation(lengths: list[int], max_length: int, what: str = "texts") -> dict:
+    """How many texts are longer than `max_length` tokens (and so cut), logged when any are."""
+    cut = sum(n > max_length for n in lengths)
+    stats = {"texts": len(lengths), "truncated": cut, "truncated_share": round(cut / max(len(lengths), 1), 4),
+             "max_length": max_length}
+    if cut:
+        log.warning("%d of %d %s (%.1f%%) are longer than %d tokens and are cut", cut, len(lengths), what,
+                    100 * stats["truncated_share"], max_length)
+    return stats
+
+
+def encode_fingerprint(encoder: Llama2Vec, ids: list[str], texts: list[str], task: str, shard_size: int,
+                       dtype: str, max_length: int) -> dict:
+    """What an embeddings folder is made from: the model, the texts, the prompt and the options."""
+    return fingerprint(model=model_identity(encoder.source) if encoder.source else "unknown",
+                       texts=texts_identity(ids, texts), task=task, prompt=asdict(encoder.spec),
+                       max_length=max_length, backend=encoder.backend, shard_size=shard_size, dtype=dtype)
+
+
+def _check_same(folder: Path, old: dict | None, new: dict) -> None:
+    diff = differences(old, new)
+    if diff:
+        raise Llama2VecError(f"{folder}: holds embeddings made with another {', '.join(diff)}: pass --overwrite to "
+                             f"encode again, or choose another --output")
+
+
 def encode_to_folder(encoder: Llama2Vec, ids: list[str], texts: list[str], output: str | Path, task: str,
-                     shard_size: int = 1024, dtype: str = "float32", batch_size: int | None = None) -> Path:
+                     shard_size: int = 1024, dtype: str = "float32", batch_size: int | None = None,
+                     overwrite: bool = False) -> Path:
     """Encode texts into an embeddings folder. Texts are sorted by length and encoded in shards
-    written atomically under `output/shards/`; a killed run resumes at the first missing shard."""
+    written atomically under `output/shards/`; a killed run resumes at the first missing shard.
+    A finished folder (or finished shards) made from other inputs or options is an error, unless
+    `overwrite`."""
     from tqdm.auto import tqdm
 
     output = Path(output)
-    if (output / "meta.json").is_file():
-        log.info("%s: already encoded", output)
-        return output
-    if len(set(ids)) != len(ids):
-        raise Llama2VecError("duplicate ids in the texts to encode")
+    if not ids:
+        raise Llama2VecError(f"{output}: nothing to encode (no texts)")
+    dupes = [i for i, n in Counter(ids).items() if n > 1]
+    if dupes:
+        raise Llama2VecError(f"duplicate ids in the texts to encode: {', '.join(dupes[:5])}")
     spec = encoder.spec
     max_length = spec.max_length if task == "self" else (spec.query_max_length or spec.max_length)
-    rows = encoder.tokenize(texts, max_length)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    fp = encode_fingerprint(encoder, ids, texts, task, shard_size, dtype, max_length)
     shards = output / "shards"
-    shards.mkdir(parents=True, exist_ok=True)
+    if overwrite and output.exists():
+        for name in ("meta.json", "embeddings.npy", "ids.txt"):
+            (output / name).unlink(missing_ok=True)
+        shutil.rmtree(shards, ignore_errors=True)
+    if (output / "meta.json").is_file():
+        _check_same(output, read_json(output / "meta.json").get("fingerprint"), fp)
+        log.info("%s: already encoded", output)
+        return output
+    if (shards / "fingerprint.json").is_file():
+        _check_same(shards, read_json_or_none(shards / "fingerprint.json"), fp)
+    else:
+        shutil.rmtree(shards, ignore_errors=True)
+        write_json(shards / "fingerprint.json", fp)
+    clean_stale(shards)
+    rows = encoder.tokenize(texts)
+    cut = truncation([len(r) for r in rows], max_length)
+    rows = [r[:max_length] for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     n_shards = (len(order) + shard_size - 1) // shard_size
     for s in tqdm(range(n_shards), desc=f"encoding {output.name}", unit="shard"):
         path = shards / f"shard-{s:05d}.npy"
@@ -205,13 +268,12 @@ def encode_to_folder(encoder: Llama2Vec, ids: list[str], texts: list[str], outpu
             continue
         idx = order[s * shard_size: (s + 1) * shard_size]
         emb = encoder.encode_ids([rows[i] for i in idx], task, batch_size)
-        tmp = shards / f".shard-{s:05d}.tmp.npy"
-        np.save(tmp, emb.astype(dtype))
-        tmp.replace(path)
+        with atomic_file(path) as tmp, tmp.open("wb") as fh:
+            np.save(fh, emb.astype(dtype))
     emb = np.zeros((len(rows), encoder.dim), dtype=dtype)
     for s in range(n_shards):
         idx = order[s * shard_size: (s + 1) * shard_size]
         emb[idx] = np.load(shards / f"shard-{s:05d}.npy")
-    save_embeddings(output, ids, emb, {"task": task, "model_prompt": encoder.spec.preset})
+    save_embeddings(output, ids, emb, {"task": task, "model_prompt": encoder.spec.preset, **cut, "fingerprint": fp})
     shutil.rmtree(shards, ignore_errors=True)
     return output

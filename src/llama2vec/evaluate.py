@@ -8,7 +8,6 @@ all-MiniLM-L6-v2, or `minilm` for it); any llama2vec model folder or causal LM (
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from .errors import Llama2VecError
 from .formats import BeirDataset, Run, passage_text, read_beir, read_qrels, read_run, write_run
 from .metrics import evaluate_run
+from .store import write_json
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,9 @@ def evaluate(output: str | None = None, run: str | None = None, qrels: str | Non
             result_run = fuse_rrf([result_run, retrieve(fuse, data, k, device, batch_size)], depth=k)
     if save_run:
         write_run(save_run, result_run)
-    metrics = evaluate_run(gold, result_run)
+    metrics = evaluate_run(gold, result_run, qrels or f"{dataset}/qrels/{split}.tsv")
     if output:
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=2))
+        write_json(output, metrics)
     return metrics
 
 

@@ -21,7 +21,7 @@ from .config import (
     save_resolved,
     to_dict,
 )
-from .encoder import pool
+from .encoder import pool, truncation
 from .errors import Llama2VecError
 from .formats import TrainExample, read_train
 from .losses import last_states, unwrap_lm
@@ -151,6 +151,18 @@ class ContrastiveCollator:
         return batch
 
 
+def training_truncation(tokenizer, examples: list[TrainExample], query_max_length: int,
+                        passage_max_length: int) -> dict:
+    """How many distinct queries and passages of the training data are cut (logged when any are)."""
+    queries = list(dict.fromkeys(e.query for e in examples))
+    passages = list(dict.fromkeys(p for e in examples for p in e.pos + e.neg))
+    out = {}
+    for name, texts, limit in (("queries", queries, query_max_length), ("passages", passages, passage_max_length)):
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        out[name] = truncation(lengths, limit, f"training {name}")
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The stage
 
@@ -196,9 +208,10 @@ def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: Contrast
     dataset = GroupDataset(examples, con_cfg.group_size, train_cfg.seed)
     collator = ContrastiveCollator(tokenizer, ids, spec.query_task, con_cfg.query_max_length,
                                    con_cfg.passage_max_length)
+    cut = training_truncation(tokenizer, examples, con_cfg.query_max_length, con_cfg.passage_max_length)
     flat = {k: v for group in to_dict(model_cfg, con_cfg, train_cfg).values() for k, v in group.items()}
     result = run_training(accelerator, module, dataset, collator, train_cfg, out, "finetune", flat)
 
     finish(accelerator, result, tokenizer, spec, out, train_cfg.gradient_checkpointing)
-    result["examples"] = len(examples)
+    result.update(examples=len(examples), truncation=cut)
     return result

@@ -12,13 +12,15 @@ Every reader names the file, line and field of anything wrong.
 from __future__ import annotations
 
 import json
-import os
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import check_text
 from .data import _field, _lines, read_objects
 from .errors import Llama2VecError
+from .store import atomic_write, write_lines
 
 Qrels = dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
@@ -28,15 +30,9 @@ Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
 # JSONL helpers
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_jsonl_rows(path: Path, rows: Iterable[dict]) -> None:
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def write_jsonl_rows(path: Path, rows: Iterable[dict]) -> int:
+    """Write rows as JSONL atomically; returns the row count."""
+    return write_lines(path, (json.dumps(r, ensure_ascii=False) for r in rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,6 +61,8 @@ def read_queries(path: Path) -> dict[str, str]:
     queries: dict[str, str] = {}
     for where, obj in read_objects(path):
         qid = _field(obj, "_id", where, required=True)
+        if qid in queries:
+            raise Llama2VecError(f"{where}: duplicate _id {qid!r}")
         queries[qid] = _field(obj, "text", where, required=True)
     return queries
 
@@ -101,11 +99,33 @@ def write_qrels(path: Path, qrels: Qrels) -> None:
     atomic_write(path, "".join(rows))
 
 
-def read_beir(folder: str | Path, split: str) -> BeirDataset:
-    """Corpus, the queries that have qrels in `split`, and those qrels."""
+def _beir_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise Llama2VecError(f"{folder}: BEIR folder not found")
+    return folder
+
+
+def beir_corpus(folder: str | Path) -> dict[str, dict[str, str]]:
+    """The corpus of a BEIR folder; queries and qrels may be absent."""
+    return read_corpus(_beir_folder(folder) / "corpus.jsonl")
+
+
+def beir_queries(folder: str | Path, split: str) -> dict[str, str]:
+    """The queries of `split` (those with qrels there), or every query when the folder has no
+    qrels for it (queries to search, not to evaluate)."""
+    folder = _beir_folder(folder)
+    queries = read_queries(folder / "queries.jsonl")
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    if not qrels_path.is_file():
+        return queries
+    qrels = read_qrels(qrels_path)
+    return {q: queries[q] for q in queries if q in qrels}
+
+
+def read_beir(folder: str | Path, split: str) -> BeirDataset:
+    """Corpus, the queries that have qrels in `split`, and those qrels."""
+    folder = _beir_folder(folder)
     qrels_path = folder / "qrels" / f"{split}.tsv"
     if not qrels_path.is_file():
         found = sorted(p.stem for p in (folder / "qrels").glob("*.tsv"))
@@ -154,6 +174,8 @@ def read_train(path: str | Path, min_negatives: int = 0) -> list[TrainExample]:
                 raise Llama2VecError(f"{where}: missing field {name!r}")
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise Llama2VecError(f"{where}: field {name!r} must be a list of strings")
+            for v in value:
+                check_text(v, f"{where}: field {name!r}")
             lists[name] = value
         if not lists["pos"]:
             raise Llama2VecError(f"{where}: field 'pos' is empty")
@@ -182,6 +204,8 @@ def read_run(path: str | Path) -> Run:
             score = float(parts[4])
         except ValueError:
             raise Llama2VecError(f"{path}:{number}: field 'score' must be a number, got {parts[4]!r}") from None
+        if not math.isfinite(score):
+            raise Llama2VecError(f"{path}:{number}: field 'score' must be a finite number, got {parts[4]!r}")
         run.setdefault(parts[0], {})[parts[2]] = score
     return run
 

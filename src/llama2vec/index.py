@@ -3,14 +3,13 @@ TREC runs, and top-k merging of several index shards."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .errors import Llama2VecError
 from .formats import Run
+from .store import atomic_file, write_json, write_lines
 
 
 def build_index(emb: np.ndarray, factory: str = "Flat"):
@@ -19,6 +18,8 @@ def build_index(emb: np.ndarray, factory: str = "Flat"):
     import faiss
 
     emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if emb.ndim != 2 or len(emb) == 0:
+        raise Llama2VecError(f"nothing to index: embeddings of shape {emb.shape}")
     try:
         index = faiss.index_factory(emb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -29,16 +30,15 @@ def build_index(emb: np.ndarray, factory: str = "Flat"):
     return index
 
 
-def save_index(folder: str | Path, index, ids: list[str], factory: str) -> Path:
+def save_index(folder: str | Path, index, ids: list[str], factory: str, meta: dict | None = None) -> Path:
     import faiss
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".index.tmp-{os.getpid()}"
-    faiss.write_index(index, str(tmp))
-    (folder / "ids.txt").write_text("".join(i + "\n" for i in ids), encoding="utf-8")
-    tmp.replace(folder / "index.faiss")
-    (folder / "meta.json").write_text(json.dumps({"factory": factory, "count": len(ids), "dim": index.d}))
+    (folder / "meta.json").unlink(missing_ok=True)  # written last: it marks the folder complete
+    write_lines(folder / "ids.txt", ids)
+    with atomic_file(folder / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    write_json(folder / "meta.json", {"factory": factory, "count": len(ids), "dim": index.d, **(meta or {})})
     return folder
 
 
@@ -62,6 +62,10 @@ def search_index(index, queries: np.ndarray, k: int, batch_size: int = 1024,
 
         faiss.ParameterSpace().set_index_parameters(index, params)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if k < 1:
+        raise Llama2VecError(f"k must be at least 1, got {k}")
+    if index.ntotal == 0:
+        raise Llama2VecError("the index is empty")
     k = min(k, index.ntotal)
     scores = np.empty((len(queries), k), dtype=np.float32)
     found = np.empty((len(queries), k), dtype=np.int64)
@@ -88,9 +92,14 @@ def to_run(query_ids: list[str], doc_ids: list[str], scores: np.ndarray, found: 
 def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.ndarray, k: int,
                   params: str | None = None) -> Run:
     """Search every index folder and merge their top-k by score."""
-    results, all_ids = [], []
+    results, all_ids, seen = [], [], {}
     for folder in folders:
         index, ids = load_index(folder)
+        clash = [i for i in ids if i in seen]
+        if clash:
+            raise Llama2VecError(f"{folder}: ids also in {seen[clash[0]]}: {', '.join(clash[:5])}: the index shards "
+                                 f"must hold disjoint passages")
+        seen.update(dict.fromkeys(ids, folder))
         s, i = search_index(index, queries, k, params=params)
         results.append((s, np.where(i >= 0, i + len(all_ids), -1)))
         all_ids.extend(ids)

@@ -6,7 +6,12 @@ missing from the run scores 0 (trec_eval alone would skip it).
 
 from __future__ import annotations
 
+import logging
+
+from .errors import Llama2VecError
 from .formats import Qrels, Run
+
+log = logging.getLogger(__name__)
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100", "recall@1000", "map")
 _TREC = {"ndcg@10": "ndcg_cut_10", "recall@100": "recall_100", "recall@1000": "recall_1000", "map": "map"}
@@ -31,11 +36,17 @@ def per_query(qrels: Qrels, run: Run) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate_run(qrels: Qrels, run: Run) -> dict[str, float]:
-    """Mean of each metric over the queries of qrels that have at least one relevant document."""
+def evaluate_run(qrels: Qrels, run: Run, source: str = "the qrels") -> dict[str, float]:
+    """Mean of each metric over the queries of qrels that have at least one relevant document;
+    queries without one are left out with a warning, and qrels with none at all are an error."""
+    judged = len(qrels)
     qrels = {q: docs for q, docs in qrels.items() if any(v > 0 for v in docs.values())}
     if not qrels:
-        return {m: 0.0 for m in METRICS}
+        raise Llama2VecError(f"{source}: no positive judgement (score > 0) for any of {judged} queries: "
+                             f"every metric would be 0")
+    if len(qrels) < judged:
+        log.warning("%s: %d of %d queries have no positive judgement and are left out", source,
+                    judged - len(qrels), judged)
     values = per_query(qrels, run)
     return {m: sum(values[m].values()) / len(qrels) for m in METRICS}
 

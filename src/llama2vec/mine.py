@@ -31,13 +31,18 @@ def sample_negatives(run: Run, positives: dict[str, set[str]], n: int, rank_rang
     return out
 
 
+def _depth(qrels: Qrels, rank_range: tuple[int, int]) -> int:
+    """Ranks to retrieve: the sampled range plus room for the positives removed from it."""
+    return rank_range[1] + max((len(v) for v in qrels.values()), default=0)
+
+
 def mine_bm25(corpus: dict[str, str], queries: dict[str, str], qrels: Qrels, n: int,
               rank_range: tuple[int, int] = (10, 100), seed: int = 0) -> dict[str, list[str]]:
     from .bm25 import BM25
 
     index = BM25(list(corpus), list(corpus.values()))
     qids = list(queries)
-    run = index.search(qids, [queries[q] for q in qids], k=rank_range[1] + max(len(v) for v in qrels.values()))
+    run = index.search(qids, [queries[q] for q in qids], k=_depth(qrels, rank_range))
     return sample_negatives(run, {q: set(d) for q, d in qrels.items()}, n, rank_range, seed, corpus)
 
 
@@ -48,8 +53,7 @@ def mine_dense(encoder, corpus: dict[str, str], queries: dict[str, str], qrels: 
     doc_ids, qids = list(corpus), list(queries)
     p = encoder.encode_corpus([corpus[d] for d in doc_ids], batch_size=batch_size)
     q = encoder.encode_queries([queries[x] for x in qids], batch_size=batch_size)
-    k = rank_range[1] + max(len(v) for v in qrels.values())
-    run = exact_search(q, p, qids, doc_ids, k)
+    run = exact_search(q, p, qids, doc_ids, _depth(qrels, rank_range))
     return sample_negatives(run, {x: set(d) for x, d in qrels.items()}, n, rank_range, seed, corpus)
 
 
@@ -82,6 +86,10 @@ def mine(output: str | Path, train: str | None = None, dataset: str | None = Non
                 for p in e.pos:
                     texts[f"x{len(texts)}"] = p
                     qrels[f"q{i}"][f"x{len(texts) - 1}"] = 1
+    if not queries:
+        raise Llama2VecError(f"{dataset or train}: no queries to mine negatives for")
+    if not texts:
+        raise Llama2VecError(f"{corpus or dataset or train}: no passages to mine negatives from")
     if method == "bm25":
         negs = mine_bm25(texts, queries, qrels, negatives, rank_range, seed)
     elif method == "dense":

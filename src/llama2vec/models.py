@@ -13,6 +13,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import Llama2VecError
+from .store import clean_stale, ensure_folder, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +90,6 @@ def _dequantise(gguf: Path):
     return tokenizer, plain
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantise a GGUF causal LM into a float32 safetensors folder, once, atomically.
 
@@ -107,20 +98,19 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     """
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f"{target.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    ensure_folder(target.parent)
+    clean_stale(target.parent)
+    tmp = temp_path(target)
     log.info("converting %s into %s (once)", gguf.name, target)
     tokenizer, model = _dequantise(gguf)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         tmp.rename(target)
-    except OSError:  # another process finished first
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # else another process finished first
+            raise
     return target
 
 
@@ -149,8 +139,11 @@ def load_tokenizer(path: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise Llama2VecError(f"cannot load the tokenizer of {path!r}: {e}") from None
+    if tokenizer.pad_token is None:  # padding is masked out: any token of the vocabulary serves
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        raise Llama2VecError(f"the tokenizer of {path!r} has no pad, EOS, unknown or BOS token to pad with: set "
+                             f"pad_token in its tokenizer_config.json")
     tokenizer.padding_side = "left"  # keeps prompt suffixes at fixed offsets from the end
     return tokenizer
 
@@ -218,13 +211,15 @@ def save_model_folder(model, tokenizer, prompt_spec, out: Path):
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     out = Path(out)
-    tmp = out / f".model-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    prompt_spec.save(tmp)
-    (out / CONFIG_NAME).unlink(missing_ok=True)
-    for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):
-        item.replace(out / item.name)
-    tmp.rmdir()
+    clean_stale(out)
+    tmp = temp_path(out / "model")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        prompt_spec.save(tmp)
+        (out / CONFIG_NAME).unlink(missing_ok=True)
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+            item.replace(out / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return model

@@ -12,12 +12,9 @@ export leaves nothing that looks finished.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ import torch
 from .errors import Llama2VecError
 from .losses import last_states
 from .models import cache_dir
+from .store import fingerprint, fingerprint_key, model_identity, read_json_or_none, scratch_folder, write_json
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 3  # bump when the exported graph or the quantisation recipe changes
@@ -56,7 +54,6 @@ def weight_matmuls(model) -> list[str]:
 def export(decoder: torch.nn.Module, k: int, pad_id: int, output: Path, quantise: bool = True) -> Path:
     """Export `decoder` (a Hugging Face base model, float32, CPU) to `output` (an .onnx file),
     int8-quantised unless `quantise` is False. Atomic: the file appears only when finished."""
-    output.parent.mkdir(parents=True, exist_ok=True)
     module = _LastStates(decoder.float().cpu(), k).eval()
     # Two rows of different lengths (left-padded) so that neither dimension is specialised.
     ids = torch.full((2, 12), pad_id, dtype=torch.long)
@@ -67,7 +64,7 @@ def export(decoder: torch.nn.Module, k: int, pad_id: int, output: Path, quantise
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     dims = {name: {0: batch, 1: length} for name in ("input_ids", "attention_mask", "position_ids")}
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
+    with scratch_folder(output.parent, "export") as tmp:
         plain = Path(tmp) / "model-fp32.onnx"
         with torch.no_grad():
             torch.onnx.export(module, (ids, mask, positions), str(plain), dynamo=True, dynamic_shapes=dims,
@@ -94,12 +91,17 @@ def export(decoder: torch.nn.Module, k: int, pad_id: int, output: Path, quantise
 
 def cached_export(model_path: str, decoder: torch.nn.Module, k: int, pad_id: int, quantise: bool = True,
                   tokens: list[str] | None = None) -> Path:
-    """The cached export of the model folder `model_path` (keyed on its weights' names, sizes and
-    modification times, the placeholder `tokens` added to it, K and the recipe), exported on first use."""
-    folder = Path(model_path)
-    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in sorted(folder.glob("*.safetensors"))]
-    key = json.dumps([str(folder.resolve()), stamp, tokens or [], k, quantise, FORMAT_VERSION])
-    path = cache_dir() / "onnx" / hashlib.sha256(key.encode()).hexdigest()[:16] / "model.onnx"
+    """The cached export of the model folder `model_path`, exported on first use. Its folder is named
+    by a hash of its fingerprint (the model folder's identity, the placeholder `tokens` added to it, K
+    and the recipe), which `fingerprint.json` beside it records; an export whose record differs is
+    made again."""
+    fp = fingerprint(model=model_identity(model_path), tokens=tokens or [], k=k, quantise=quantise,
+                     format=FORMAT_VERSION)
+    path = cache_dir() / "onnx" / fingerprint_key(fp) / "model.onnx"
+    record = path.parent / "fingerprint.json"
+    if path.is_file() and read_json_or_none(record) != fp:
+        log.info("%s: made from another model or options: exported again", path)
+        path.unlink()
     if not path.is_file():
         log.info("exporting %s to ONNX%s (once): %s", model_path, " int8" if quantise else "", path)
         try:
@@ -107,6 +109,7 @@ def cached_export(model_path: str, decoder: torch.nn.Module, k: int, pad_id: int
         except Exception as err:  # the exporter's own errors are long; name the step that failed
             shutil.rmtree(path.parent, ignore_errors=True)
             raise Llama2VecError(f"{model_path}: ONNX export failed: {err}") from err
+        write_json(record, fp)
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import Llama2VecError
+from .store import atomic_file
 from .train import read_log
 
 
@@ -19,9 +20,9 @@ def _pyplot():
 
 def _save(fig, output: str | Path) -> Path:
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(output)
+    with atomic_file(output) as tmp, tmp.open("wb") as fh:
+        fig.savefig(fh, format=output.suffix.lstrip(".") or "png")
     fig.clf()
     return output
 

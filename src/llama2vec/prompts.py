@@ -10,12 +10,12 @@ The resolved prompt is saved as ``llama2vec_config.json`` beside every model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import PromptConfig
+from .config import PromptConfig, check_text, parse_json_text, read_text_file
 from .errors import Llama2VecError
+from .store import write_json
 
 CONFIG_NAME = "llama2vec_config.json"
 EOS = "{eos}"  # stands for the tokenizer's own end-of-sequence token
@@ -65,21 +65,52 @@ class PromptSpec:
         return [t for t in dict.fromkeys(self.self_tokens + self.next_tokens) if t != EOS]
 
     def save(self, folder: str | Path) -> None:
-        path = Path(folder) / CONFIG_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
-        tmp.replace(path)
+        write_json(Path(folder) / CONFIG_NAME, asdict(self))
 
     @classmethod
     def load(cls, folder: str | Path) -> PromptSpec:
         path = Path(folder) / CONFIG_NAME
+        data = parse_json_text(path, read_text_file(path, "missing: not a llama2vec model folder"))
+        if not isinstance(data, dict):
+            raise Llama2VecError(f"{path}: unreadable llama2vec config: expected a JSON object, "
+                                 f"got {type(data).__name__}")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**data)
-        except FileNotFoundError:
-            raise Llama2VecError(f"{path}: missing: not a llama2vec model folder") from None
-        except (json.JSONDecodeError, TypeError) as e:
+            spec = cls(**data)
+        except TypeError as e:  # a missing or an unknown field
             raise Llama2VecError(f"{path}: unreadable llama2vec config: {e}") from None
+        _check_spec(spec, path)
+        return spec
+
+
+def _check_spec(spec: PromptSpec, path: Path) -> None:
+    """The field types and values of a loaded spec; an error names the file and field."""
+
+    def bad(name: str, kind: str) -> Llama2VecError:
+        got = getattr(spec, name)
+        return Llama2VecError(f"{path}: unreadable llama2vec config: field {name!r} must be {kind}, got {got!r:.60}")
+
+    for name in ("prefix", "self_suffix", "next_suffix", "preset"):
+        if not isinstance(getattr(spec, name), str):
+            raise bad(name, "a string")
+        check_text(getattr(spec, name), f"{path}: field {name!r}")
+    for name in ("self_tokens", "next_tokens"):
+        tokens = getattr(spec, name)
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+            raise bad(name, "a non-empty list of non-empty strings")
+        for token in tokens:
+            check_text(token, f"{path}: field {name!r}")
+    if len(spec.next_tokens) != len(spec.self_tokens):
+        raise bad("next_tokens", f"as long as self_tokens ({len(spec.self_tokens)})")
+    if spec.pooling not in ("mean", "last"):
+        raise bad("pooling", "'mean' or 'last'")
+    if spec.query_task not in ("next", "self"):
+        raise bad("query_task", "'next' or 'self'")
+    for name, kind in (("max_length", "a positive integer"), ("query_max_length", "a positive integer or null")):
+        value = getattr(spec, name)
+        if value is None and name == "query_max_length":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad(name, kind)
 
 
 def resolve_prompt(cfg: PromptConfig, max_length: int = 128) -> PromptSpec:

@@ -24,11 +24,14 @@ from torch.utils.data import DataLoader, Sampler
 
 from .config import TrainConfig
 from .errors import Llama2VecError
+from .store import TMP_TAG, write_json, write_lines
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log.jsonl"
+# What a run writes before its first checkpoint: a folder holding only these is restarted, not refused.
+RUN_FILES = {"run_config.yaml", "data", "logs", LOG_FILE, CHECKPOINTS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,6 +56,9 @@ def prepare_output(cfg: TrainConfig) -> Path:
     if out.is_dir() and any(out.iterdir()):
         if cfg.overwrite:
             shutil.rmtree(out)
+        elif not cfg.resume and stopped_before_first_checkpoint(out):
+            log.info("%s: holds a run that stopped before its first checkpoint: starting it again", out)
+            shutil.rmtree(out)
         elif not cfg.resume:
             raise Llama2VecError(f"{out}: output folder exists and is not empty: pass --overwrite to replace "
                                  f"it or --resume to continue its run")
@@ -64,6 +70,13 @@ def prepare_output(cfg: TrainConfig) -> Path:
     except OSError as e:
         raise Llama2VecError(f"{out}: output folder is not writable: {e.strerror or e}") from None
     return out
+
+
+def stopped_before_first_checkpoint(out: Path) -> bool:
+    """True when `out` holds only what a run writes before its first checkpoint (its config, data
+    cache, logs, temporaries): nothing that the same command, run again, would lose."""
+    names = {p.name for p in out.iterdir() if TMP_TAG not in p.name}
+    return names <= RUN_FILES and not complete_checkpoints(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,16 +92,31 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def remove_partial_checkpoints(out: Path) -> None:
+    """Delete the checkpoints that a killed or failed save left half-written."""
+    for stale in (out / CHECKPOINTS).glob("*"):
+        if stale.name.startswith(("tmp-checkpoint-", "deleting-checkpoint-")):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
+    """Every process writes its part into `tmp-checkpoint-STEP` (one name that all processes
+    know); the main process then adds state.json and renames it. A save that fails (a full disk)
+    removes its partial folder and raises."""
     folder = out / CHECKPOINTS
     tmp = folder / f"tmp-checkpoint-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    accelerator.wait_for_everyone()  # every process has written its part before the rename
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=False)
+        accelerator.wait_for_everyone()  # every process has written its part before the rename
+        if accelerator.is_main_process:
+            write_json(tmp / "state.json", {"step": step})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
         final = folder / f"checkpoint-{step}"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -203,6 +231,7 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
     resumed_from = step
     log_path = out / LOG_FILE
     if accelerator.is_main_process:
+        remove_partial_checkpoints(out)
         _truncate_log(log_path, step)
     accelerator.init_trackers(run_name, config={k: v for k, v in (hparams or {}).items()
                                                 if isinstance(v, (int, float, str, bool))})
@@ -245,6 +274,7 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
                 if accelerator.is_main_process:
                     with log_path.open("a") as fh:
                         fh.write(json.dumps(record) + "\n")
+                        fh.flush()
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
                 sums, micro, tokens, t_log = {}, 0, 0, time.time()
             if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or step == total:
@@ -258,17 +288,36 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
             "module": accelerator.unwrap_model(module)}
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records past the step a resumed run restarts from."""
+def _log_records(path: Path) -> list[dict]:
+    """The records of a log.jsonl; a line cut short by a killed run (the last one) is dropped."""
     if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+        return []
+    records = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # written when the process was killed
+                log.warning("%s:%d: an incomplete last record (a killed run) is dropped", path, number)
+                continue
+            raise Llama2VecError(f"{path}:{number}: not a JSON log record") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise Llama2VecError(f"{path}:{number}: a log record needs an integer 'step'")
+        records.append(record)
+    return records
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past the step a resumed run restarts from, and any cut-short line."""
+    if path.is_file():
+        write_lines(path, (json.dumps(r) for r in _log_records(path) if r["step"] <= step))
 
 
 def read_log(out: str | Path) -> list[dict]:
-    path = Path(out) / LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return _log_records(Path(out) / LOG_FILE)
 
 
 def finish(accelerator, result: dict, tokenizer, spec, out: Path, gradient_checkpointing: bool) -> dict:
