@@ -133,9 +133,12 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import demo
+    import dataclasses
 
-    demo(args.preset, args.output, args.force)
+    from .demo import PRESETS, demo
+
+    settings = dataclasses.replace(PRESETS[args.preset], base_model=args.model) if args.model else None
+    demo(args.preset, args.output, args.force, settings)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -250,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for a GPU.")
     p.add_argument("--output", default="runs/demo", help="Output folder (finished stages there are reused).")
     p.add_argument("--force", action="store_true", help="Delete the output folder first and redo every stage.")
+    p.add_argument("--model", default=None,
+                   help="Run the demo on this causal LM (hub id or folder) instead of the bundled SmolLM2.")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("plot", help="Plot the loss curves of a training run folder as a PNG.")

@@ -116,6 +116,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
+    except OSError as e:  # a full disk, a file size limit, ...: named by the file meant, not the temporary
+        remove(tmp)
+        raise Llama2VecError(f"{path}: cannot write: {e.strerror or e}") from e
     except BaseException:
         remove(tmp)
         raise

@@ -113,6 +113,11 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
         accelerator.wait_for_everyone()  # every process has written its part before the rename
         if accelerator.is_main_process:
             write_json(tmp / "state.json", {"step": step})
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(folder).free / 2**20
+        raise Llama2VecError(f"{folder / f'checkpoint-{step}'}: cannot write the checkpoint ({free:.0f} MiB free on "
+                             f"that disk; a full disk or a file size limit?): {str(e).strip()}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
