@@ -99,6 +99,18 @@ def test_adapt_lora_trains_adapters_and_placeholders_only(tiny_model_dir, tiny_c
     assert compared >= 14  # every projection of both layers and the norms
     assert all(params[n].abs().sum() > 0 for n in trainable if "lora_B" in n)  # lora_B starts at zero
 
+    # The merged folder keeps the trained placeholder rows; every other row is the base model's.
+    from transformers import AutoTokenizer
+
+    merged = load_file(tmp_path / "lora" / "model.safetensors")["model.embed_tokens.weight"]  # (V + 16, H)
+    rows = AutoTokenizer.from_pretrained(tmp_path / "lora").convert_tokens_to_ids([f"<s{i}>" for i in range(1, 17)])
+    old = base["model.embed_tokens.weight"]  # (V, H)
+    assert torch.equal(merged[: old.shape[0]], old)
+    mean = old.mean(dim=0)  # where the placeholders started
+    assert all(not torch.allclose(merged[r], mean, atol=1e-4) for r in rows)
+    trained = next(p for n, p in params.items() if "token_adapter" in n and "delta" in n)  # (16, H)
+    torch.testing.assert_close(merged[rows], trained, atol=1e-6, rtol=0)
+
 
 def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
     flags = ("--max-steps", "6", "--save-steps", "2", "--full")
@@ -184,10 +196,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_adapt_with_lora_and_gradient_checkpointing(tiny_model_dir, tiny_corpus, tmp_path):
-    result = run(tiny_model_dir, tiny_corpus, tmp_path / "gc", "--max-steps", "2", "--lora", "--lora-r", "4",
-                 "--gradient-checkpointing")
-    assert result["steps"] == 2 and math.isfinite(result["last"]["loss"])
-    assert (tmp_path / "gc" / "llama2vec_config.json").is_file()
+    flags = ("--max-steps", "2", "--lora", "--lora-r", "4")
+    result = run(tiny_model_dir, tiny_corpus, tmp_path / "gc", *flags, "--gradient-checkpointing")
+    plain = run(tiny_model_dir, tiny_corpus, tmp_path / "plain", *flags)
+    assert result["steps"] == 2 and result["last"]["loss"] == pytest.approx(plain["last"]["loss"], abs=1e-5)
+    a, b = load_file(tmp_path / "gc" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert any(not torch.equal(a[n][: base[n].shape[0]], base[n]) for n in base)  # it trained
+    for name in a:  # recomputing activations (dropout masks included) changes nothing
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 
 
 def test_length_grouping_keeps_a_random_order_and_cuts_padding():

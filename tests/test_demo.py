@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,9 @@ import pytest
 import llama2vec.demo as demo_mod
 from llama2vec.demo import PRESETS, DemoSettings, Recipe, demo, estimate_seconds
 from llama2vec.encoder import Llama2Vec
+from llama2vec.evaluate import dense_retrieve, fuse_rrf
+from llama2vec.formats import read_beir, read_run
+from llama2vec.metrics import evaluate_run
 
 SYSTEMS = ["bm25", "minilm", "smollm2", "smollm2-adapted", "smollm2-finetuned", "smollm2-adapted-finetuned", "hybrid"]
 
@@ -21,7 +25,7 @@ def tiny_settings(model_dir) -> DemoSettings:
                         label_curve=[0, 4], seeds=[0, 1], base_model=str(model_dir), scaled_down="tiny test")
 
 
-def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch):
+def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     report = demo(output=str(out), settings=tiny_settings(tiny_model_dir))
     saved = json.loads((out / "report.json").read_text())
@@ -29,10 +33,18 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch):
     assert list(saved["systems"]) == SYSTEMS
     for entry in saved["systems"].values():
         assert set(entry) == {"ndcg@10", "mrr@10", "recall@100", "model"}
-        assert 0.0 <= entry["ndcg@10"] <= 1.0
     assert saved["systems"]["bm25"]["model"] is None and saved["systems"]["hybrid"]["model"] is None
-    enc = Llama2Vec.from_pretrained(saved["systems"]["smollm2-adapted-finetuned"]["model"], device="cpu")
-    assert enc.encode_queries(["a headline"]).shape[0] == 1
+    # Every figure is what the saved model and runs give when scored again from scratch.
+    test = read_beir(out / "data" / "eval", "test")
+    system = saved["systems"]["smollm2-adapted-finetuned"]
+    enc = Llama2Vec.from_pretrained(system["model"], device="cpu")
+    enc.spec.query_task = saved["settings"]["query_prompt"]
+    again = evaluate_run(test.qrels, dense_retrieve(enc, test))
+    assert again["ndcg@10"] == pytest.approx(system["ndcg@10"], abs=1e-9)
+    bm25 = read_run(out / "eval" / "bm25.trec")
+    assert evaluate_run(test.qrels, bm25)["ndcg@10"] == saved["systems"]["bm25"]["ndcg@10"] > 0.5  # headline words
+    fused = evaluate_run(test.qrels, fuse_rrf([bm25, read_run(out / "eval" / "smollm2-adapted-finetuned.trec")]))
+    assert fused["ndcg@10"] == saved["systems"]["hybrid"]["ndcg@10"]
     assert saved["settings"]["eval_queries"] == 12 and saved["settings"]["eval_passages"] == 18
     choice = saved["settings"]["query_prompt_choice"]  # chosen on dev, never on test
     assert set(choice["dev_ndcg@10"]) == {"next", "self"} and choice["chosen"] == saved["settings"]["query_prompt"]
@@ -75,6 +87,17 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(demo_mod, "evaluate_system", lambda *a, **k: json.loads(a[2].read_text()))
     again = demo(output=str(out), settings=tiny_settings(tiny_model_dir))
     assert again["systems"] == report["systems"]
+
+    # Other settings into the same folder: what they change is recomputed (and said), the rest reused.
+    monkeypatch.undo()
+    monkeypatch.setattr("llama2vec.finetune.finetune", no_training)
+    monkeypatch.setattr("llama2vec.adapt.adapt", no_training)
+    capsys.readouterr()
+    other = demo(output=str(out), settings=dataclasses.replace(tiny_settings(tiny_model_dir), eval_queries=10))
+    said = capsys.readouterr().out
+    assert "data/eval: made with another queries: recomputed" in said
+    assert "eval/bm25.json: made with another data: recomputed" in said
+    assert other["settings"]["eval_queries"] == 10 and len(read_beir(out / "data" / "eval", "test").queries) == 10
 
 
 def test_estimates_fit_the_presets():

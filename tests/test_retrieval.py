@@ -20,9 +20,12 @@ from llama2vec.cli import main
 from llama2vec.config import PromptConfig
 from llama2vec.encoder import Llama2Vec, encode_to_folder, load_embeddings, pool
 from llama2vec.errors import Llama2VecError
+from llama2vec.evaluate import fuse_rrf
 from llama2vec.finetune import infonce
+from llama2vec.formats import read_qrels, read_run
 from llama2vec.index import build_index, exact_search, load_index, save_index, search_index, search_shards
 from llama2vec.losses import decoder_states
+from llama2vec.metrics import evaluate_run
 from llama2vec.models import add_placeholder_tokens
 from llama2vec.prompts import resolve_prompt
 
@@ -228,9 +231,15 @@ def test_finetune_encode_index_search_evaluate(tiny_model_dir, tmp_path):
                  "--output", str(tmp_path / "m2.json")]) == 0
     m2 = json.loads((tmp_path / "m2.json").read_text())
     assert m2["ndcg@10"] == pytest.approx(m1["ndcg@10"], abs=1e-6)  # end to end = the staged pipeline
+    assert main(["evaluate", "--model", "bm25", "--dataset", str(beir), "--save-run", str(tmp_path / "bm25.trec"),
+                 "--output", str(tmp_path / "bm25.json")]) == 0
+    # Each query is its passage's first words: BM25 ranks every passage first for its own query.
+    assert json.loads((tmp_path / "bm25.json").read_text())["mrr@10"] == 1.0
     assert main(["evaluate", "--model", str(model), "--dataset", str(beir), "--fuse", "bm25",
                  "--output", str(tmp_path / "m3.json")]) == 0
-    assert 0 <= json.loads((tmp_path / "m3.json").read_text())["ndcg@10"] <= 1
+    fused = fuse_rrf([read_run(tmp_path / "run.trec"), read_run(tmp_path / "bm25.trec")])
+    expected = evaluate_run(read_qrels(beir / "qrels" / "test.tsv"), fused)
+    assert json.loads((tmp_path / "m3.json").read_text()) == pytest.approx(expected, abs=1e-9)
 
 
 def small_beir(tmp_path):
