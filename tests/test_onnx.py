@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,24 @@ def test_compiled_backend_needs_a_compiler(tiny_model_dir, monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(Llama2VecError, match="needs a C.. compiler"):
         Llama2Vec.from_pretrained(str(tiny_model_dir), device="cpu", backend="torch-compile")
+
+
+def test_an_export_made_from_another_model_is_made_again(encoders, monkeypatch):
+    folder, cache, enc = encoders
+    records = sorted(cache.glob("onnx/*/fingerprint.json"))
+    assert len(records) == 2
+    record = json.loads(records[0].read_text())
+    assert record["model"].startswith("folder:") and record["k"] == enc["torch"].ids.k
+    model_file = records[0].parent / "model.onnx"
+    original = model_file.read_bytes()
+    records[0].write_text(json.dumps({**record, "model": "folder:another"}))  # as if the folder had changed
+    calls = []
+
+    def export(decoder, k, pad_id, output, quantise=True):
+        calls.append(output)
+        output.write_bytes(original)
+
+    monkeypatch.setattr(onnx_int8, "export", export)
+    quantise = record["quantise"]
+    Llama2Vec.from_pretrained(str(folder), backend="onnx-int8" if quantise else "onnx")
+    assert calls == [model_file] and json.loads(records[0].read_text()) == record

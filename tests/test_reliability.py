@@ -275,6 +275,31 @@ def test_truncation_is_counted_and_stored(tiny_model_dir, tiny_corpus, tmp_path)
     assert meta["truncated_share"] == round(meta["truncated"] / len(SENTENCES), 4) and meta["max_length"] == 8
 
 
+def test_adapt_and_finetune_count_what_they_cut(tiny_model_dir, tiny_corpus, tmp_path, caplog):
+    from llama2vec.adapt import ADAPT_CONFIGS, adapt
+    from llama2vec.cli import build_parser
+    from llama2vec.config import FINETUNE_CONFIGS, build_configs
+    from llama2vec.finetune import finetune
+
+    common = ["--model", str(tiny_model_dir), "--max-steps", "1", "--batch-size", "2"]
+    args = build_parser().parse_args(["adapt", *common, "--corpus", str(tiny_corpus), "--output", str(tmp_path / "a"),
+                                      "--chunk-tokens", "40", "--max-length", "16"])
+    cut = adapt(*build_configs(args, *ADAPT_CONFIGS))["truncation"]
+    pairs = PairDataset(tmp_path / "a" / "data" / "pairs")
+    lengths = [len(pairs[i][key]) for i in range(len(pairs)) for key in ("text", "next")]
+    assert cut["truncated"] == sum(n > 16 for n in lengths) > 0 and cut["texts"] == len(lengths)
+    assert f"{cut['truncated']} of {len(lengths)} adaptation chunks" in caplog.text
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"query": SENTENCES[i], "pos": [SENTENCES[i + 1]], "neg": [SENTENCES[i + 2]]})
+                             + "\n" for i in range(4)))
+    args = build_parser().parse_args(["finetune", *common, "--train", str(train), "--output", str(tmp_path / "f"),
+                                      "--group-size", "2", "--query-max-length", "6", "--passage-max-length", "1000"])
+    cut = finetune(*build_configs(args, *FINETUNE_CONFIGS))["truncation"]
+    assert cut["queries"]["texts"] == 4 and cut["queries"]["truncated"] == 4  # every sentence is over 6 tokens
+    assert cut["passages"] == {"texts": 5, "truncated": 0, "truncated_share": 0.0, "max_length": 1000}
+
+
 # ------------------------------------------------------------------------------- a full disk
 
 
