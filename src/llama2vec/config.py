@@ -225,8 +225,8 @@ def read_text_file(path: Path, missing: str = "file not found") -> str:
         raise Llama2VecError(f"{path}: {missing}") from None
     except IsADirectoryError:
         raise Llama2VecError(f"{path}: is a folder, expected a file") from None
-    except OSError as e:  # permission denied and the like
-        raise Llama2VecError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # permission denied and the like; a NUL byte in the path
+        raise Llama2VecError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     raw = raw.removeprefix(b"\xef\xbb\xbf")
     try:
         return raw.decode("utf-8")
@@ -246,12 +246,15 @@ def parse_json_text(path: Path, text: str) -> Any:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader whose value errors (``!!int abc``, the date 2024-13-45) carry the node's line."""
+    """SafeLoader whose constructor errors (``!!int abc``, ``!!timestamp x``, the date 2024-13-45
+    raise ValueError, KeyError, AttributeError...) become YAML errors at the node's line."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, KeyError, TypeError, OverflowError) as e:
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as e:
             raise yaml.constructor.ConstructorError(None, None, f"bad value: {e}", node.start_mark) from None
 
 

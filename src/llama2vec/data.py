@@ -55,8 +55,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         raise Llama2VecError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise Llama2VecError(f"{path}: is a folder, expected a file") from None
-    except OSError as e:  # permission denied and the like
-        raise Llama2VecError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # permission denied and the like; a NUL byte in the path
+        raise Llama2VecError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     with fh:
         number = 0
         while True:
