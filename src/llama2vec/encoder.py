@@ -250,6 +250,7 @@ def encode_to_folder(encoder: Llama2Vec, ids: list[str], texts: list[str], outpu
     if (output / "meta.json").is_file():
         _check_same(output, read_json(output / "meta.json").get("fingerprint"), fp)
         log.info("%s: already encoded", output)
+        shutil.rmtree(shards, ignore_errors=True)  # left by a run killed after its meta.json, before this removal
         return output
     if (shards / "fingerprint.json").is_file():
         _check_same(shards, read_json_or_none(shards / "fingerprint.json"), fp)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .config import TrainConfig
 from .errors import Llama2VecError
-from .store import TMP_TAG, write_json, write_lines
+from .store import TMP_TAG, temp_path, write_json, write_lines
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def prepare_output(cfg: TrainConfig) -> Path:
                                  f"it or --resume to continue its run")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        probe = temp_path(out / "write-test")  # removed by the next writer if a kill leaves it
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -216,7 +216,10 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
 
     set_seed(cfg.seed)
     sampler = EpochSampler(len(dataset), cfg.seed, shuffle, lengths, cfg.batch_size)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator)
+    # A generator of its own: each new iterator (an epoch, a resumed run) draws its base seed from it, not from
+    # torch's global generator, whose state the checkpoint restores for dropout (a resumed run draws the same masks).
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise Llama2VecError("no trainable parameters")
