@@ -225,3 +225,18 @@ def test_length_grouping_keeps_a_random_order_and_cuts_padding():
     assert list(grouped) == orders[0]  # depends only on (seed, epoch)
     assert padding_fraction(lengths, list(plain), 8) > 0.25
     assert padding_fraction(lengths, orders[0], 8) < 0.02
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tiny_model_dir, tiny_corpus, tmp_path):
+    common = ("--max-steps", "3", "--warmup-steps", "2", "--no-group-by-length", "--full", "--learning-rate", "1e-2")
+    run(tiny_model_dir, tiny_corpus, tmp_path / "one", *common, "--batch-size", "4")
+    run(tiny_model_dir, tiny_corpus, tmp_path / "acc", *common, "--batch-size", "2", "--grad-accum", "2")
+    one = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    acc = [json.loads(line) for line in (tmp_path / "acc" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in acc] == [1, 2, 3]
+    assert [r["lr"] for r in acc] == [r["lr"] for r in one] == pytest.approx([5e-3, 1e-2, 0.0])
+    for a, b in zip(one, acc):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "acc" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)

@@ -225,7 +225,9 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
         raise Llama2VecError("no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    steps_per_epoch = max(1, len(loader) // cfg.grad_accum)
+    # An optimizer step takes grad_accum micro-batches; the last of an epoch may take fewer (accelerate
+    # syncs at the end of the data loader).
+    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = get_linear_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total), total)
     accelerator.register_for_checkpointing(scheduler)
@@ -259,8 +261,9 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
                 accelerator.backward(parts["loss"])
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
+                optimizer.step()  # accelerate's optimizer steps only when the gradients are synced
+                if accelerator.sync_gradients:  # the schedule counts optimizer steps, not micro-batches
+                    scheduler.step()
                 optimizer.zero_grad()
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
