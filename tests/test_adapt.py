@@ -240,3 +240,26 @@ def test_gradient_accumulation_equals_one_larger_batch(tiny_model_dir, tiny_corp
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "acc" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
+def test_mixed_precision_keeps_updates_too_small_for_bfloat16(tiny_model_dir, tiny_corpus, tmp_path, precision):
+    # Adam moves every weight by about the learning rate: 1e-6 is under half a bfloat16 step of the
+    # weights of about 0.02 here (2^-6 * 2^-8 / 2 = 3e-5), so only float32 master weights keep it.
+    out = tmp_path / precision
+    run(tiny_model_dir, tiny_corpus, out, "--max-steps", "2", "--full", "--learning-rate", "1e-6",
+        "--warmup-steps", "0", "--precision", precision)
+    base = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert after[name].dtype == (torch.float32 if precision == "bf16-mixed" else torch.bfloat16)
+    moved = (after[name].float() - base[name].to(after[name].dtype).float()).abs()
+    share = (moved > 0).float().mean()  # of the weights that moved
+    if precision == "bf16-mixed":
+        assert share > 0.9 and moved.max() < 1e-5
+        # ... while computing in bfloat16: the loss is near float32's, not equal to it.
+        run(tiny_model_dir, tiny_corpus, tmp_path / "fp32", "--max-steps", "1", "--full", "--precision", "fp32")
+        first = [json.loads((tmp_path / f / "log.jsonl").read_text().splitlines()[0])["loss"] for f in ("fp32", out)]
+        assert first[0] != first[1] and first[0] == pytest.approx(first[1], rel=1e-2)
+    else:
+        assert share < 0.1  # rounded away, but on the few weights near 0

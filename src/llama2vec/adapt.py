@@ -16,7 +16,7 @@ from .errors import Llama2VecError
 from .losses import PretextModel, PretextWeights
 from .models import add_placeholder_tokens, apply_lora, load_causal_lm
 from .prompts import prompt_ids, resolve_prompt
-from .train import finish, is_main_rank, make_accelerator, prepare_output, run_training
+from .train import finish, is_main_rank, make_accelerator, prepare_output, resolve_precision, run_training
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
     if not corpus.is_file():
         raise Llama2VecError(f"{corpus}: corpus file not found")
     out = prepare_output(train_cfg)
+    model_cfg, precision = resolve_precision(model_cfg, train_cfg)
     tokenizer, lm, device = load_causal_lm(model_cfg)
-    accelerator = make_accelerator(train_cfg, device, out)
+    accelerator = make_accelerator(train_cfg, device, out, precision)
     accelerator.wait_for_everyone()  # the main process has made the output folder
     spec = resolve_prompt(prompt_cfg, data_cfg.max_length)
     placeholder_ids = add_placeholder_tokens(tokenizer, lm, spec.new_tokens())

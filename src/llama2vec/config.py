@@ -38,6 +38,10 @@ def opt(default: Any, help: str, **extra: Any) -> Any:
 # Encoding backends (see Llama2Vec.from_pretrained).
 BACKENDS = ("torch", "torch-bfloat16", "torch-compile", "onnx-int8", "onnx")
 
+# Training precisions (see TrainConfig.precision).
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+
+
 @dataclass
 class ModelConfig:
     model: str = opt("smollm2", "Hub id, local Hugging Face folder, or 'smollm2' (bundled default).")
@@ -114,6 +118,9 @@ class TrainConfig:
     lora_r: int = opt(64, "LoRA rank.")
     lora_alpha: int = opt(16, "LoRA alpha.")
     lora_dropout: float = opt(0.1, "LoRA dropout.")
+    precision: str = opt("auto", "fp32; bf16-mixed (bfloat16 compute, float32 weights and optimizer states); "
+                                 "bf16 (bfloat16 weights too: half the memory, but updates under 1/256 of a weight "
+                                 "are lost). auto: bf16-mixed on CUDA, fp32 on CPU.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     logging_steps: int = opt(10, "Log losses every N steps.")
     save_steps: int = opt(50, "Write a checkpoint every N steps.")
@@ -126,6 +133,7 @@ class TrainConfig:
             raise Llama2VecError("--overwrite and --resume exclude each other")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise Llama2VecError("batch_size and grad_accum must be positive")
+        _check_choice("precision", self.precision, PRECISIONS)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .formats import TrainExample, read_train
 from .losses import last_states, unwrap_lm
 from .models import add_placeholder_tokens, apply_lora, load_causal_lm, resolve_model_path
 from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
-from .train import finish, is_main_rank, make_accelerator, prepare_output, run_training
+from .train import finish, is_main_rank, make_accelerator, prepare_output, resolve_precision, run_training
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: Contrast
         examples = examples[: con_cfg.max_examples]
     out = prepare_output(train_cfg)
     path = resolve_model_path(model_cfg.model)
+    model_cfg, precision = resolve_precision(model_cfg, train_cfg)
     tokenizer, lm, device = load_causal_lm(model_cfg, path)
     if (Path(path) / CONFIG_NAME).is_file():
         spec = PromptSpec.load(path)
@@ -190,7 +191,7 @@ def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: Contrast
     spec.query_task = prompt_cfg.query_prompt
     placeholder_ids = add_placeholder_tokens(tokenizer, lm, spec.new_tokens())
     ids = prompt_ids(spec, tokenizer)
-    accelerator = make_accelerator(train_cfg, device, out)
+    accelerator = make_accelerator(train_cfg, device, out, precision)
     accelerator.wait_for_everyone()  # the main process has made the output folder
     if is_main_rank():
         save_resolved(out / "run_config.yaml", model_cfg, prompt_cfg, con_cfg, train_cfg, extra={"command": "finetune"})

@@ -8,6 +8,7 @@ complete) and resumes from the last complete one with the same data order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .config import TrainConfig
+from .config import ModelConfig, TrainConfig
 from .errors import Llama2VecError
 from .store import TMP_TAG, temp_path, write_json, write_lines
 
@@ -191,12 +192,33 @@ def padding_fraction(lengths, order: list[int], batch_size: int, fixed: int = 0)
 # The loop
 
 
-def make_accelerator(cfg: TrainConfig, device: torch.device, out: Path):
+def resolve_precision(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[ModelConfig, str]:
+    """(the model config to load for training, the precision): fp32 and bf16-mixed load float32
+    weights (bf16-mixed computes in bfloat16 under autocast, its optimizer updates float32 master
+    weights), bf16 loads bfloat16 weights. auto: bf16-mixed on CUDA, fp32 on CPU."""
+    from .models import resolve_device
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if resolve_device(model_cfg.device).type == "cuda" else "fp32"
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    if model_cfg.dtype not in ("auto", dtype):
+        raise Llama2VecError(f"--dtype {model_cfg.dtype} does not go with --precision {precision} (weights in "
+                             f"{dtype}): in training, --precision sets the weights' dtype")
+    return dataclasses.replace(model_cfg, dtype=dtype), precision
+
+
+def make_accelerator(cfg: TrainConfig, device: torch.device, out: Path, precision: str = "fp32"):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
+    # Runs in one process (the demo, a notebook) may differ in precision: accelerate keeps one state
+    # per process, so the last run's is dropped (the process group, in PartialState, stays).
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=device.type == "cpu",
+        mixed_precision="bf16" if precision == "bf16-mixed" else "no",
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
