@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -263,3 +264,16 @@ def test_mixed_precision_keeps_updates_too_small_for_bfloat16(tiny_model_dir, ti
         assert first[0] != first[1] and first[0] == pytest.approx(first[1], rel=1e-2)
     else:
         assert share < 0.1  # rounded away, but on the few weights near 0
+
+
+def test_flash_attention_is_named_where_it_cannot_run(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    from llama2vec.errors import Llama2VecError
+
+    with pytest.raises(Llama2VecError, match="flash_attention_2 needs the flash-attn package"):
+        run(tiny_model_dir, tiny_corpus, tmp_path / "a", "--attn-implementation", "flash_attention_2")
+    real = importlib.util.find_spec
+    installed = lambda name, *a: object() if name == "flash_attn" else real(name, *a)  # as if installed
+    monkeypatch.setattr(importlib.util, "find_spec", installed)
+    with pytest.raises(Llama2VecError, match="joint pass needs a 4-D attention mask.*--no-joint"):
+        run(tiny_model_dir, tiny_corpus, tmp_path / "b", "--attn-implementation", "flash_attention_2")
+    assert not (tmp_path / "b").exists()  # refused before anything is written

@@ -35,6 +35,9 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
     corpus = Path(data_cfg.corpus)
     if not corpus.is_file():
         raise Llama2VecError(f"{corpus}: corpus file not found")
+    if pretext_cfg.joint and model_cfg.attn_implementation == "flash_attention_2":
+        raise Llama2VecError("the joint pass needs a 4-D attention mask, which flash_attention_2 does not take: use "
+                             "--attn-implementation sdpa, or --no-joint (two passes, about 1.8x the compute)")
     out = prepare_output(train_cfg)
     model_cfg, precision = resolve_precision(model_cfg, train_cfg)
     tokenizer, lm, device = load_causal_lm(model_cfg)

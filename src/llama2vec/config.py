@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -47,11 +48,15 @@ class ModelConfig:
     model: str = opt("smollm2", "Hub id, local Hugging Face folder, or 'smollm2' (bundled default).")
     dtype: str = opt("auto", "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16.")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N.")
-    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa or eager.")
+    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (needs the flash-attn "
+                                           "package and a GPU; takes no 4-D mask, so not for adapt's joint pass).")
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        _check_choice("attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _check_choice("attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise Llama2VecError("attn_implementation flash_attention_2 needs the flash-attn package "
+                                 "(pip install 'llama2vec[gpu]' on a CUDA machine)")
 
 
 @dataclass
