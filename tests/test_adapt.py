@@ -277,3 +277,27 @@ def test_flash_attention_is_named_where_it_cannot_run(tiny_model_dir, tiny_corpu
     with pytest.raises(Llama2VecError, match="joint pass needs a 4-D attention mask.*--no-joint"):
         run(tiny_model_dir, tiny_corpus, tmp_path / "b", "--attn-implementation", "flash_attention_2")
     assert not (tmp_path / "b").exists()  # refused before anything is written
+
+
+def test_lora_checkpoints_hold_the_trained_weights_only_and_resume(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    flags = ("--max-steps", "4", "--save-steps", "2", "--lora", "--lora-r", "4", "--lora-dropout", "0.1")
+    run(tiny_model_dir, tiny_corpus, tmp_path / "whole", *flags)
+    state = torch.load(tmp_path / "whole" / "checkpoints" / "checkpoint-4" / "pytorch_model.bin")
+    assert state and all("lora_" in k or "token_adapter" in k for k in state)  # no frozen base weight
+    assert any("token_adapter" in k for k in state)
+
+    real_save = train_mod.save_checkpoint
+
+    def killed_after_step_2(accelerator, out, step, keep):
+        real_save(accelerator, out, step, keep)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", killed_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, tiny_corpus, tmp_path / "cut", *flags)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert run(tiny_model_dir, tiny_corpus, tmp_path / "cut", *flags, "--resume")["resumed_from"] == 2
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)

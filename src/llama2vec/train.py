@@ -136,6 +136,23 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
 
 
+def checkpoint_trainable_only(accelerator, module: nn.Module) -> bool:
+    """When only some weights train (LoRA: the adapters and the placeholder rows), checkpoints hold
+    those and the optimizer state, not the frozen base model, which a resumed run loads from its
+    source again. Returns whether checkpoints are partial."""
+    params = dict(module.named_parameters())
+    trainable = {name for name, p in params.items() if p.requires_grad}
+    if len(trainable) == len(params):
+        return False
+
+    def keep_trainable(models, weights, output_dir) -> None:
+        for i, state in enumerate(weights):
+            weights[i] = {k: v for k, v in state.items() if k in trainable}
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # Data order
 
@@ -247,6 +264,7 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
         raise Llama2VecError("no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    partial = checkpoint_trainable_only(accelerator, module)
     # An optimizer step takes grad_accum micro-batches; the last of an epoch may take fewer (accelerate
     # syncs at the end of the data loader).
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
@@ -257,7 +275,7 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
     step = 0
     checkpoints = complete_checkpoints(out) if cfg.resume else []
     if checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
+        accelerator.load_state(str(checkpoints[-1]), strict=not partial)
         step = json.loads((checkpoints[-1] / "state.json").read_text())["step"]
         log.info("resuming from %s (step %d of %d)", checkpoints[-1], step, total)
     resumed_from = step
