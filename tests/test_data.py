@@ -127,3 +127,27 @@ def test_bundled_wikipedia_corpus(tmp_path):
 
 def test_split_sentences():
     assert split_sentences("A first one. Then? Yes!\nNew line") == ["A first one.", "Then?", "Yes!", "New line"]
+
+
+def test_parallel_chunking_and_a_cache_made_ahead(tiny_model_dir, tmp_path):
+    from llama2vec.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    docs = [" ".join(f"Doc {d} sentence {i} is here." for i in range(3 + d % 7)) for d in range(300)]
+    corpus.write_text("".join(json.dumps({"title": f"T{d}", "text": t}) + "\n" for d, t in enumerate(docs)))
+    one = build_pair_cache(corpus, make_tokenizer(), tmp_path / "one", chunk_tokens=24, min_chunk_tokens=4)
+    two = build_pair_cache(corpus, make_tokenizer(), tmp_path / "two", chunk_tokens=24, min_chunk_tokens=4,
+                           workers=2)
+    for name in ("tokens.bin", "offsets.npy", "pairs.npy"):  # the same cache, byte for byte
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+    # Made ahead with `data chunk`, then used by adapt --pairs (same tokenizer and placeholders).
+    ahead = tmp_path / "ahead"
+    assert main(["data", "chunk", "--corpus", str(corpus), "--model", str(tiny_model_dir), "--output", str(ahead),
+                 "--chunk-tokens", "24", "--min-chunk-tokens", "4", "--workers", "2"]) == 0
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--model", str(tiny_model_dir), "--pairs", str(ahead), "--output", str(out),
+                 "--max-steps", "1", "--batch-size", "2", "--max-length", "24"]) == 0
+    assert not (out / "data").exists() and (out / "llama2vec_config.json").is_file()
+    assert main(["adapt", "--model", str(tiny_model_dir), "--pairs", str(ahead), "--output", str(tmp_path / "p"),
+                 "--prompt-preset", "paper", "--max-steps", "1"]) == 2  # other placeholders: other tokenizer

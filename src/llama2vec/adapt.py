@@ -10,7 +10,7 @@ import torch
 
 from .collate import PretextCollator, excluded_target_ids
 from .config import DataConfig, ModelConfig, PretextConfig, PromptConfig, TrainConfig, save_resolved, to_dict
-from .data import PairDataset, build_pair_cache
+from .data import PairDataset, build_pair_cache, check_pair_cache, pair_cache_fingerprint, wait_for_pair_cache
 from .encoder import truncation
 from .errors import Llama2VecError
 from .losses import PretextModel, PretextWeights
@@ -23,6 +23,19 @@ log = logging.getLogger(__name__)
 ADAPT_CONFIGS = (ModelConfig, PromptConfig, PretextConfig, DataConfig, TrainConfig)
 
 
+def pair_cache(corpus: Path, tokenizer, folder: Path, data_cfg: DataConfig, builds: bool) -> Path:
+    """The (text, next text) pairs: a cache made ahead (--pairs), or one that the process that `builds`
+    writes into `folder` while the others wait for it."""
+    if data_cfg.pairs:
+        return check_pair_cache(data_cfg.pairs, tokenizer)
+    chunk_tokens = data_cfg.chunk_tokens or data_cfg.max_length
+    if builds:
+        return build_pair_cache(corpus, tokenizer, folder, chunk_tokens, data_cfg.min_chunk_tokens,
+                                data_cfg.max_documents, workers=data_cfg.chunk_workers)
+    fp = pair_cache_fingerprint(corpus, tokenizer, chunk_tokens, data_cfg.min_chunk_tokens, data_cfg.max_documents)
+    return wait_for_pair_cache(folder, fp)
+
+
 def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: PretextConfig, data_cfg: DataConfig,
           train_cfg: TrainConfig) -> dict:
     """Adapt `model_cfg.model` on `data_cfg.corpus`; write the adapted model to `train_cfg.output`.
@@ -30,10 +43,10 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
     Returns a summary: output folder, steps, seconds, last logged losses and (on the main
     process) the trained model as saved.
     """
-    if not data_cfg.corpus:
-        raise Llama2VecError("--corpus is required")
-    corpus = Path(data_cfg.corpus)
-    if not corpus.is_file():
+    if not data_cfg.corpus and not data_cfg.pairs:
+        raise Llama2VecError("--corpus (or --pairs) is required")
+    corpus = Path(data_cfg.corpus or "")
+    if not data_cfg.pairs and not corpus.is_file():
         raise Llama2VecError(f"{corpus}: corpus file not found")
     if pretext_cfg.joint and model_cfg.attn_implementation == "flash_attention_2":
         raise Llama2VecError("the joint pass needs a 4-D attention mask, which flash_attention_2 does not take: use "
@@ -50,10 +63,7 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
         save_resolved(out / "run_config.yaml", model_cfg, prompt_cfg, pretext_cfg, data_cfg, train_cfg,
                   extra={"command": "adapt"})
 
-    chunk_tokens = data_cfg.chunk_tokens or data_cfg.max_length
-    with accelerator.main_process_first():
-        cache = build_pair_cache(corpus, tokenizer, out / "data" / "pairs", chunk_tokens, data_cfg.min_chunk_tokens,
-                                 data_cfg.max_documents)
+    cache = pair_cache(corpus, tokenizer, out / "data" / "pairs", data_cfg, accelerator.is_main_process)
     dataset = PairDataset(cache)
     log.info("adaptation data: %s", dataset.meta)
     chunk_lengths = np.diff(dataset.offsets)  # tokens of every chunk, (C,)

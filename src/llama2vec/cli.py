@@ -48,6 +48,19 @@ def _data(args: argparse.Namespace) -> None:
     if args.dataset == "wiki":
         n = data.build_wiki(args.output)
         print(f"wrote {n} Wikipedia articles to {args.output}")
+    elif args.dataset == "chunk":
+        from .models import add_placeholder_tokens, load_tokenizer, resolve_model_path
+        from .prompts import resolve_prompt
+
+        if not args.corpus:
+            raise Llama2VecError("data chunk needs --corpus")
+        tokenizer = load_tokenizer(resolve_model_path(args.model))
+        # The placeholders that adapt adds: the cache records the tokenizer it was made with.
+        spec = resolve_prompt(PromptConfig(prompt_preset=args.prompt_preset))
+        add_placeholder_tokens(tokenizer, None, spec.new_tokens())
+        folder = data.build_pair_cache(args.corpus, tokenizer, args.output, args.chunk_tokens, args.min_chunk_tokens,
+                                       args.max_documents, workers=args.workers)
+        print(f"wrote the pair cache {folder}: {data.PairDataset(folder).meta}")
     else:
         from .bbc import build_bbc
 
@@ -162,11 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="Write the embedded default data sets.")
-    p.add_argument("dataset", choices=["wiki", "bbc"],
+    p.add_argument("dataset", choices=["wiki", "bbc", "chunk"],
                    help="wiki: the Wikipedia sample bundled in gensim, as JSONL; bbc: the BBC News retrieval "
-                        "task as a BEIR folder with train.jsonl.")
-    p.add_argument("--output", required=True, help="Output file (wiki: JSONL) or folder (bbc).")
+                        "task as a BEIR folder with train.jsonl; chunk: the adaptation pairs of --corpus, made "
+                        "ahead of training (adapt --pairs), in parallel with --workers.")
+    p.add_argument("--output", required=True, help="Output file (wiki: JSONL) or folder (bbc, chunk).")
     p.add_argument("--negatives", type=int, default=15, help="bbc: BM25 hard negatives per training query.")
+    p.add_argument("--corpus", help="chunk: the corpus (JSONL, .txt or .parquet).")
+    p.add_argument("--model", default="smollm2", help="chunk: the model whose tokenizer cuts the chunks.")
+    p.add_argument("--prompt-preset", default="llara", help="chunk: the prompt preset of the adapt run.")
+    p.add_argument("--chunk-tokens", type=int, default=128, help="chunk: target tokens per chunk (adapt's "
+                                                                "--max-length).")
+    p.add_argument("--min-chunk-tokens", type=int, default=16, help="chunk: shorter chunks are dropped.")
+    p.add_argument("--max-documents", type=int, default=None, help="chunk: read at most this many documents.")
+    p.add_argument("--workers", type=int, default=1, help="chunk: processes that chunk in parallel.")
     p.set_defaults(func=_data)
 
     p = sub.add_parser("adapt", help="Unsupervised Llama2Vec adaptation (EBAE + EBAR) of a causal LM.",

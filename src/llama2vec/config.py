@@ -102,6 +102,8 @@ class DataConfig:
     min_chunk_tokens: int = opt(16, "Chunks shorter than this are dropped.")
     max_documents: int | None = opt(None, "Read at most this many documents.")
     group_by_length: bool = opt(True, "Batch chunks of similar length together (less padding).")
+    pairs: str | None = opt(None, "A pair cache made ahead by `llama2vec data chunk`, used instead of --corpus.")
+    chunk_workers: int = opt(1, "Processes that chunk the corpus into the pair cache.")
 
     def __post_init__(self) -> None:
         if self.max_length < 1:

@@ -7,7 +7,9 @@ wrong. The chunk-pair cache is written token by token to disk, so a corpus large
 
 from __future__ import annotations
 
+import array
 import bz2
+import collections
 import hashlib
 import json
 import logging
@@ -318,11 +320,57 @@ def pair_cache_fingerprint(corpus: Path, tokenizer, chunk_tokens: int, min_chunk
                        title=title, format="pairs-v2")
 
 
+_WORKER_TOKENIZER = None  # the tokenizer of a chunking worker process
+
+
+def _init_chunk_worker(tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _chunk_texts(texts: list[str], chunk_tokens: int, min_chunk_tokens: int, tokenizer=None) -> list[list[list[int]]]:
+    tokenizer = tokenizer or _WORKER_TOKENIZER
+    return [[c for c in chunk_ids(t, tokenizer, chunk_tokens) if len(c) >= min_chunk_tokens] for t in texts]
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def chunk_stream(texts: Iterable[str], tokenizer, chunk_tokens: int, min_chunk_tokens: int,
+                 workers: int = 1, batch: int = 256) -> Iterator[list[list[int]]]:
+    """The chunks (token ids) of each text, in order. With `workers` > 1, batches of texts are chunked
+    by a pool of processes, at most two batches per worker in flight, so memory stays bounded."""
+    if workers <= 1:
+        for texts_batch in _batches(texts, batch):
+            yield from _chunk_texts(texts_batch, chunk_tokens, min_chunk_tokens, tokenizer)
+        return
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, _init_chunk_worker, (tokenizer,)) as pool:
+        pending: collections.deque = collections.deque()
+        for texts_batch in _batches(texts, batch):
+            pending.append(pool.apply_async(_chunk_texts, (texts_batch, chunk_tokens, min_chunk_tokens)))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
 def build_pair_cache(corpus: str | Path, tokenizer, folder: str | Path, chunk_tokens: int, min_chunk_tokens: int = 16,
-                     max_documents: int | None = None, title: bool = True) -> Path:
+                     max_documents: int | None = None, title: bool = True, workers: int = 1) -> Path:
     """Chunk every document and write the chunks to disk as one int32 token file plus offsets;
-    a pair is (chunk i, chunk i+1) of the same document. Written atomically (see `store`), with its
-    fingerprint in meta.json; reused only when the fingerprint matches."""
+    a pair is (chunk i, chunk i+1) of the same document. `workers` processes chunk in parallel (the
+    same cache as one). Written atomically (see `store`), with its fingerprint in meta.json; reused
+    only when the fingerprint matches."""
     from tqdm.auto import tqdm
 
     corpus, folder = Path(corpus), Path(folder)
@@ -335,15 +383,19 @@ def build_pair_cache(corpus: str | Path, tokenizer, folder: str | Path, chunk_to
         log.info("%s: made from other data or options (%s differ): rebuilt", folder,
                  ", ".join(differences(old.get("fingerprint"), fp)))
     stats = ReadStats()
-    offsets = [0]
-    pair_starts: list[int] = []
+    offsets = array.array("q", [0])  # chunk j is tokens[offsets[j]:offsets[j + 1]]
+    pair_starts = array.array("q")  # chunk ids whose next chunk belongs to the same document
     n_docs = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal n_docs
+        for doc in tqdm(read_documents(corpus, stats, max_documents), desc="chunking", unit="doc"):
+            n_docs += 1
+            yield f"{doc.title}\n{doc.text}" if title and doc.title else doc.text
+
     with atomic_folder(folder) as tmp:
         with (tmp / "tokens.bin").open("wb") as fh:
-            for doc in tqdm(read_documents(corpus, stats, max_documents), desc="chunking", unit="doc"):
-                text = f"{doc.title}\n{doc.text}" if title and doc.title else doc.text
-                chunks = [c for c in chunk_ids(text, tokenizer, chunk_tokens) if len(c) >= min_chunk_tokens]
-                n_docs += 1
+            for chunks in chunk_stream(texts(), tokenizer, chunk_tokens, min_chunk_tokens, workers):
                 for i, chunk in enumerate(chunks):
                     if i + 1 < len(chunks):
                         pair_starts.append(len(offsets) - 1)
@@ -354,12 +406,38 @@ def build_pair_cache(corpus: str | Path, tokenizer, folder: str | Path, chunk_to
         if not pair_starts:
             raise Llama2VecError(f"{corpus}: no (text, next text) pairs: documents need at least two chunks of "
                                  f"{min_chunk_tokens}+ tokens (read {n_docs} document(s))")
-        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-        np.save(tmp / "pairs.npy", np.asarray(pair_starts, dtype=np.int64))
+        np.save(tmp / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
+        np.save(tmp / "pairs.npy", np.frombuffer(pair_starts, dtype=np.int64))
         meta = {"corpus": str(corpus), "documents": n_docs, "chunks": len(offsets) - 1, "pairs": len(pair_starts),
                 "tokens": offsets[-1], "skipped_empty": stats.empty, "chunk_tokens": chunk_tokens,
                 "fingerprint": fp}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+def wait_for_pair_cache(folder: Path, fp: dict, poll_s: float = 2.0) -> Path:
+    """On the processes that do not build the pair cache: wait until the one that does has
+    written it (polling the file system, so a long build outlasts no collective's timeout)."""
+    import time
+
+    start = last_note = time.time()
+    while (read_json_or_none(folder / "meta.json") or {}).get("fingerprint") != fp:
+        if time.time() - last_note > 60:
+            log.info("waiting for the pair cache %s (%.0f s)", folder, time.time() - start)
+            last_note = time.time()
+        time.sleep(poll_s)
+    return folder
+
+
+def check_pair_cache(folder: str | Path, tokenizer) -> Path:
+    """A pair cache made ahead (`llama2vec data chunk`): it must exist and match the tokenizer."""
+    folder = Path(folder)
+    meta = read_json_or_none(folder / "meta.json")
+    if not meta or "fingerprint" not in meta:
+        raise Llama2VecError(f"{folder}: not a finished pair cache (no meta.json): make it with llama2vec data chunk")
+    if meta["fingerprint"].get("tokenizer") != _tokenizer_fingerprint(tokenizer):
+        raise Llama2VecError(f"{folder}: made with another tokenizer (or other placeholder tokens) than this model's: "
+                             f"make it again with llama2vec data chunk --model and --prompt-preset of this run")
     return folder
 
 

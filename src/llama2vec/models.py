@@ -169,10 +169,13 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None):
 
 def add_placeholder_tokens(tokenizer, model, tokens: list[str]) -> list[int]:
     """Add the placeholder tokens that are new as special tokens, resize the embeddings and
-    initialise the new rows to the mean of the existing ones. Returns the ids of `tokens`."""
+    initialise the new rows to the mean of the existing ones (`model` None: the tokenizer alone).
+    Returns the ids of `tokens`."""
     vocab = tokenizer.get_vocab()
     new = [t for t in dict.fromkeys(tokens) if t not in vocab]
-    if new:
+    if new and model is None:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    elif new:
         known = len(tokenizer)  # rows of real tokens: some models carry extra padding rows
         tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
         new_ids = tokenizer.convert_tokens_to_ids(new)
