@@ -119,8 +119,8 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tiny_corpus, 
 
     real_save = train_mod.save_checkpoint
 
-    def killed_after_step_4(accelerator, out, step, keep):
-        real_save(accelerator, out, step, keep)
+    def killed_after_step_4(accelerator, out, step, keep, sharded=None):
+        real_save(accelerator, out, step, keep, sharded)
         if step == 4:
             raise KeyboardInterrupt
 
@@ -288,8 +288,8 @@ def test_lora_checkpoints_hold_the_trained_weights_only_and_resume(tiny_model_di
 
     real_save = train_mod.save_checkpoint
 
-    def killed_after_step_2(accelerator, out, step, keep):
-        real_save(accelerator, out, step, keep)
+    def killed_after_step_2(accelerator, out, step, keep, sharded=None):
+        real_save(accelerator, out, step, keep, sharded)
         if step == 2:
             raise KeyboardInterrupt
 
@@ -301,3 +301,61 @@ def test_lora_checkpoints_hold_the_trained_weights_only_and_resume(tiny_model_di
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def torchrun(*args: str, processes: int = 2) -> str:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "-m", "llama2vec", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_fsdp_on_cpu_processes_equals_ddp_saves_a_model_and_resumes(tiny_model_dir, tiny_corpus, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    common = ["adapt", "--model", str(tiny_model_dir), "--corpus", str(tiny_corpus), "--device", "cpu", "--full",
+              "--max-steps", "3", "--batch-size", "2", "--max-length", "24", "--logging-steps", "1",
+              "--save-steps", "1", "--learning-rate", "1e-2", "--resume"]
+    torchrun(*common, "--output", str(tmp_path / "ddp"))
+    said = torchrun(*common, "--fsdp", "--output", str(tmp_path / "fsdp"))
+    assert said.count("FSDP: weights sharded over 2 processes (DTensor)") == 2  # on each process
+    ddp, fsdp = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "fsdp" / "model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert sorted(ddp) == sorted(fsdp) and not torch.equal(fsdp["model.norm.weight"], base["model.norm.weight"])
+    for name in ddp:
+        torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp")  # a plain Hugging Face folder
+
+    # Resumed from its sharded checkpoint at step 2, the run ends where the uninterrupted one did.
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "fsdp", cut)
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-3")
+    for name in ("llama2vec_config.json", "model.safetensors"):
+        (cut / name).unlink()
+    assert (cut / "checkpoints" / "checkpoint-2" / "fsdp").is_dir()  # every process's shards
+    torchrun(*common, "--fsdp", "--output", str(cut))
+    resumed = load_file(cut / "model.safetensors")
+    assert [json.loads(line)["step"] for line in (cut / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    for name in fsdp:
+        torch.testing.assert_close(resumed[name], fsdp[name], atol=1e-6, rtol=0)
+
+
+def test_fsdp_finetune_equals_ddp(tiny_model_dir, tmp_path):
+    from conftest import SENTENCES
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"query": SENTENCES[i], "pos": [SENTENCES[(i + 1) % 8]],
+                                         "neg": [SENTENCES[(i + 2) % 8]]}) + "\n" for i in range(8)))
+    common = ["finetune", "--model", str(tiny_model_dir), "--train", str(train), "--device", "cpu", "--full",
+              "--max-steps", "2", "--batch-size", "2", "--group-size", "2", "--learning-rate", "1e-3"]
+    torchrun(*common, "--output", str(tmp_path / "ddp"))
+    torchrun(*common, "--fsdp", "--output", str(tmp_path / "fsdp"))
+    ddp, fsdp = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "fsdp" / "model.safetensors")
+    for name in ddp:
+        torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0)

@@ -129,6 +129,8 @@ class TrainConfig:
                                  "bf16 (bfloat16 weights too: half the memory, but updates under 1/256 of a weight "
                                  "are lost). auto: bf16-mixed on CUDA, fp32 on CPU.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    fsdp: bool = opt(False, "Shard weights, gradients and optimizer states over the processes with torch's FSDP2 "
+                            "(each decoder layer one unit), on any device under torchrun; all weights only.")
     logging_steps: int = opt(10, "Log losses every N steps.")
     save_steps: int = opt(50, "Write a checkpoint every N steps.")
     save_total_limit: int = opt(2, "Checkpoints kept.")
@@ -141,6 +143,8 @@ class TrainConfig:
         if self.batch_size < 1 or self.grad_accum < 1:
             raise Llama2VecError("batch_size and grad_accum must be positive")
         _check_choice("precision", self.precision, PRECISIONS)
+        if self.fsdp and self.lora:
+            raise Llama2VecError("--fsdp trains all weights (--full); LoRA adapters are small enough for DDP")
 
 
 @dataclass

@@ -205,10 +205,11 @@ def apply_lora(model, r: int, alpha: int, dropout: float, trainable_token_ids: l
     return get_peft_model(model, config)
 
 
-def save_model_folder(model, tokenizer, prompt_spec, out: Path):
+def save_model_folder(model, tokenizer, prompt_spec, out: Path, state_dict: dict | None = None):
     """Save a plain Hugging Face model folder (LoRA merged), its tokenizer and the llama2vec
-    config into `out`. Files are written into a temporary folder first and moved in;
-    llama2vec_config.json comes last and marks the folder complete. Returns the saved model."""
+    config into `out` (`state_dict`: the weights to save, gathered from a sharded model). Files
+    are written into a temporary folder first and moved in; llama2vec_config.json comes last and
+    marks the folder complete. Returns the saved model."""
     from .prompts import CONFIG_NAME
 
     if hasattr(model, "merge_and_unload"):
@@ -217,7 +218,7 @@ def save_model_folder(model, tokenizer, prompt_spec, out: Path):
     clean_stale(out)
     tmp = temp_path(out / "model")
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         prompt_spec.save(tmp)
         (out / CONFIG_NAME).unlink(missing_ok=True)

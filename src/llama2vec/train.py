@@ -100,10 +100,11 @@ def remove_partial_checkpoints(out: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
+def save_checkpoint(accelerator, out: Path, step: int, keep: int, sharded: tuple | None = None) -> None:
     """Every process writes its part into `tmp-checkpoint-STEP` (one name that all processes
     know); the main process then adds state.json and renames it. A save that fails (a full disk)
-    removes its partial folder and raises."""
+    removes its partial folder and raises. `sharded`: (FSDP module, optimizer), whose shards every
+    process writes (torch.distributed.checkpoint)."""
     folder = out / CHECKPOINTS
     tmp = folder / f"tmp-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -111,6 +112,8 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=False)
+        if sharded:
+            save_sharded(tmp, *sharded)
         accelerator.wait_for_everyone()  # every process has written its part before the rename
         if accelerator.is_main_process:
             write_json(tmp / "state.json", {"step": step})
@@ -151,6 +154,69 @@ def checkpoint_trainable_only(accelerator, module: nn.Module) -> bool:
 
     accelerator.register_save_state_pre_hook(keep_trainable)
     return True
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def shard(module: nn.Module, bf16: bool) -> None:
+    """Shard `module` (a training module holding the LM as `.model`) over the processes with torch's
+    FSDP2: each decoder layer but the last is one unit, whose weights are gathered just before it
+    runs; the rest belongs to the root. With `bf16`, compute in bfloat16 and reduce gradients in float32; the
+    sharded weights and optimizer states stay in their dtype (float32 under bf16-mixed)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .losses import unwrap_lm
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise Llama2VecError("--fsdp shards over several processes: run under torchrun or accelerate launch")
+    decoder = unwrap_lm(module.model).get_decoder()
+    layers = getattr(decoder, "layers", None) or getattr(decoder, "h", None)
+    if layers is None:
+        raise Llama2VecError(f"--fsdp: no decoder layer list found in {type(decoder).__name__}")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=torch.float32 if bf16 else None)
+    # The last layer stays with the root's unit: encoding runs its parts at the pooled positions
+    # alone (losses.last_states), outside its forward, where a unit of its own would not be gathered.
+    for layer in layers[:-1]:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    log.info("FSDP: weights sharded over %d processes (%s)", dist.get_world_size(),
+             type(next(module.parameters())).__name__)
+
+
+def save_sharded(folder: Path, module: nn.Module, optimizer) -> None:
+    """Each process writes its shards of the weights and optimizer states into `folder/fsdp`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, states = get_state_dict(module, optimizer)
+    dcp.save({"model": weights, "optim": states}, checkpoint_id=str(folder / "fsdp"))
+
+
+def load_sharded(folder: Path, module: nn.Module, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    weights, states = get_state_dict(module, optimizer)
+    state = {"model": weights, "optim": states}
+    dcp.load(state, checkpoint_id=str(folder / "fsdp"))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_weights(lm: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded LM, gathered on the CPU of the main process (every process
+    takes part; the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    head = lm.get_output_embeddings()
+    if weights and head is not None and head.weight is lm.get_input_embeddings().weight:
+        # Tied: saved once, as the input embeddings, like an unsharded save.
+        weights.pop(next(n for n, m in lm.named_modules() if m is head) + ".weight", None)
+    return weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,12 +325,18 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
     # torch's global generator, whose state the checkpoint restores for dropout (a resumed run draws the same masks).
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator,
                         generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.fsdp:
+        shard(module, bf16=accelerator.mixed_precision == "bf16")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise Llama2VecError("no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    partial = checkpoint_trainable_only(accelerator, module)
+    if cfg.fsdp:  # FSDP syncs its own gradients: the module and optimizer stay out of accelerate's wrappers
+        loader = accelerator.prepare(loader)
+        partial, sharded = False, (module, optimizer)
+    else:
+        module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+        partial, sharded = checkpoint_trainable_only(accelerator, module), None
     # An optimizer step takes grad_accum micro-batches; the last of an epoch may take fewer (accelerate
     # syncs at the end of the data loader).
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
@@ -276,6 +348,8 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
     checkpoints = complete_checkpoints(out) if cfg.resume else []
     if checkpoints:
         accelerator.load_state(str(checkpoints[-1]), strict=not partial)
+        if sharded:
+            load_sharded(checkpoints[-1], *sharded)
         step = json.loads((checkpoints[-1] / "state.json").read_text())["step"]
         log.info("resuming from %s (step %d of %d)", checkpoints[-1], step, total)
     resumed_from = step
@@ -299,12 +373,11 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
             with accelerator.accumulate(module):
                 parts = module(**batch)
                 accelerator.backward(parts["loss"])
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients:  # the last micro-batch of an optimizer step
                     accelerator.clip_grad_norm_(params, 1.0)
-                optimizer.step()  # accelerate's optimizer steps only when the gradients are synced
-                if accelerator.sync_gradients:  # the schedule counts optimizer steps, not micro-batches
-                    scheduler.step()
-                optimizer.zero_grad()
+                    optimizer.step()
+                    scheduler.step()  # the schedule counts optimizer steps, not micro-batches
+                    optimizer.zero_grad()
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             micro += 1
@@ -329,14 +402,14 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
                 sums, micro, tokens, t_log = {}, 0, 0, time.time()
             if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or step == total:
-                save_checkpoint(accelerator, out, step, cfg.save_total_limit)
+                save_checkpoint(accelerator, out, step, cfg.save_total_limit, sharded)
             if step >= total:
                 break
     bar.close()
     for tracker in accelerator.trackers:  # the process group stays up for the caller's final save
         tracker.finish()
     return {"steps": step, "resumed_from": resumed_from, "seconds": time.time() - t0, "last": last,
-            "module": accelerator.unwrap_model(module)}
+            "module": accelerator.unwrap_model(module), "sharded": sharded is not None}
 
 
 def _log_records(path: Path) -> list[dict]:
@@ -378,10 +451,16 @@ def finish(accelerator, result: dict, tokenizer, spec, out: Path, gradient_check
     from .models import save_model_folder
 
     trained = result.pop("module").model
+    weights = full_weights(trained) if result.pop("sharded") else None  # FSDP: gathered from every process
     if accelerator.is_main_process:
         if gradient_checkpointing:
             unwrap_lm(trained).activation_checkpointing_disable()
-        result["model"] = save_model_folder(trained, tokenizer, spec, out).eval()
+        saved = save_model_folder(trained, tokenizer, spec, out, weights)
+        if weights is not None:  # the sharded module is no model to use: the saved folder is
+            from transformers import AutoModelForCausalLM
+
+            saved = AutoModelForCausalLM.from_pretrained(out)
+        result["model"] = saved.eval()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     result["output"] = str(out)
