@@ -12,7 +12,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import Llama2VecError
-from .store import atomic_write
+from .store import atomic_write, check_text, parse_json_text, read_text_file
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
@@ -214,54 +213,6 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type, aliases: dict[str
                                    help=help_text, metavar=f.name.upper())
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML or JSON file of options; flags given here override it.")
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def check_text(value: str, what: str) -> None:
-    """A JSON or YAML escape can make a lone surrogate ("\\ud800") that no encoding can write: an
-    error naming `what` (file, line, field)."""
-    if _SURROGATE.search(value):
-        raise Llama2VecError(f"{what} holds a lone surrogate (an unpaired \\ud800-\\udfff escape): not valid text")
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def strict_json(text: str) -> Any:
-    """json.loads without the NaN/Infinity extension. Raises JSONDecodeError, ValueError (NaN, an
-    integer of over 4300 digits) or RecursionError (nested too deep)."""
-    return json.loads(text, parse_constant=_no_constant)
-
-
-def read_text_file(path: Path, missing: str = "file not found") -> str:
-    """A whole UTF-8 file, a leading byte order mark dropped; errors name the file (and line)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise Llama2VecError(f"{path}: {missing}") from None
-    except IsADirectoryError:
-        raise Llama2VecError(f"{path}: is a folder, expected a file") from None
-    except (OSError, ValueError) as e:  # permission denied and the like; a NUL byte in the path
-        raise Llama2VecError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
-    raw = raw.removeprefix(b"\xef\xbb\xbf")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise Llama2VecError(f"{path}:{line}: bytes that are not UTF-8 (byte 0x{raw[e.start]:02x})") from None
-
-
-def parse_json_text(path: Path, text: str) -> Any:
-    """Strict JSON; errors name the file and line."""
-    try:
-        return strict_json(text)
-    except json.JSONDecodeError as e:
-        raise Llama2VecError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
-    except (ValueError, RecursionError) as e:
-        raise Llama2VecError(f"{path}: not valid JSON: {e}") from None
 
 
 class _YamlLoader(yaml.SafeLoader):

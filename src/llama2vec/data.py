@@ -20,9 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import check_text, strict_json
 from .errors import Llama2VecError
-from .store import atomic_folder, differences, file_identity, fingerprint, read_json_or_none, write_lines
+from .store import (
+    atomic_folder,
+    check_text,
+    differences,
+    file_identity,
+    fingerprint,
+    read_json_or_none,
+    strict_json,
+    write_lines,
+)
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import check_text
 from .data import _field, _lines, read_objects
 from .errors import Llama2VecError
-from .store import atomic_write, write_lines
+from .store import atomic_write, check_text, write_lines
 
 Qrels = dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import PromptConfig, check_text, parse_json_text, read_text_file
+from .config import PromptConfig
 from .errors import Llama2VecError
-from .store import write_json
+from .store import check_text, parse_json_text, read_text_file, write_json
 
 CONFIG_NAME = "llama2vec_config.json"
 EOS = "{eos}"  # stands for the tokenizer's own end-of-sequence token

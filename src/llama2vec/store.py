@@ -1,5 +1,8 @@
 """Atomic writes and fingerprints: the one way every llama2vec writer puts a file or folder on disk.
 
+Reading: whole text and JSON files with errors that name the file and line (`read_text_file`,
+`read_json`), strict JSON (`strict_json`) and text that can be written (`check_text`).
+
 Atomic: a file or folder is written under a temporary name in its own folder (``.NAME.tmp-PID``),
 flushed to disk (fsync) and renamed over the final name, so a reader sees the old version or the
 whole new one, never a part. A process killed half-way leaves only its temporary, which the next
@@ -17,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -189,15 +193,58 @@ def scratch_folder(parent: str | Path, name: str = "scratch") -> Iterator[Path]:
         remove(tmp)
 
 
-def read_json(path: str | Path) -> Any:
-    """A JSON file, or a clear error naming it when it is unreadable."""
-    path = Path(path)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: str, what: str) -> None:
+    """A JSON or YAML escape can make a lone surrogate ("\\ud800") that no encoding can write: an
+    error naming `what` (file, line, field)."""
+    if _SURROGATE.search(value):
+        raise Llama2VecError(f"{what} holds a lone surrogate (an unpaired \\ud800-\\udfff escape): not valid text")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def strict_json(text: str) -> Any:
+    """json.loads without the NaN/Infinity extension. Raises JSONDecodeError, ValueError (NaN, an
+    integer of over 4300 digits) or RecursionError (nested too deep)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def read_text_file(path: Path, missing: str = "file not found") -> str:
+    """A whole UTF-8 file, a leading byte order mark dropped; errors name the file (and line)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
-        raise Llama2VecError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Llama2VecError(f"{path}: not valid JSON (a run killed while writing it?): {e}") from None
+        raise Llama2VecError(f"{path}: {missing}") from None
+    except IsADirectoryError:
+        raise Llama2VecError(f"{path}: is a folder, expected a file") from None
+    except (OSError, ValueError) as e:  # permission denied and the like; a NUL byte in the path
+        raise Llama2VecError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise Llama2VecError(f"{path}:{line}: bytes that are not UTF-8 (byte 0x{raw[e.start]:02x})") from None
+
+
+def parse_json_text(path: Path, text: str) -> Any:
+    """Strict JSON; errors name the file and line."""
+    try:
+        return strict_json(text)
+    except json.JSONDecodeError as e:
+        raise Llama2VecError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise Llama2VecError(f"{path}: not valid JSON: {e}") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file, or a clear error naming it (and the line) when it is unreadable."""
+    path = Path(path)
+    return parse_json_text(path, read_text_file(path))
 
 
 def read_json_or_none(path: str | Path) -> Any:

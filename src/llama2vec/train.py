@@ -133,9 +133,7 @@ def save_checkpoint(accelerator, out: Path, step: int, keep: int, sharded: tuple
             # Renamed first: a deletion killed half-way must not leave a folder that looks complete.
             doomed = old.with_name(f"deleting-{old.name}")
             old.rename(doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-        for stale in folder.glob("deleting-checkpoint-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(doomed, ignore_errors=True)  # a kill here leaves it to remove_partial_checkpoints
     accelerator.wait_for_everyone()
 
 
