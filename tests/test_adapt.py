@@ -27,6 +27,17 @@ def run(model_dir, corpus, out, *flags: str) -> dict:
     return adapt(*build_configs(args, *ADAPT_CONFIGS))
 
 
+def killed_after(stop: int, real_save):
+    """save_checkpoint that interrupts the run once the checkpoint of step `stop` is written."""
+
+    def save(accelerator, out, step, keep, sharded=None):
+        real_save(accelerator, out, step, keep, sharded)
+        if step == stop:
+            raise KeyboardInterrupt
+
+    return save
+
+
 def test_loss_is_finite_and_falls_on_a_repeated_batch():
     model, batch = pretext_setup(("the cat sat on the mat", "stock markets fell"))
     model.train()
@@ -118,13 +129,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_model_dir, tiny_corpus, 
     whole = run(tiny_model_dir, tiny_corpus, tmp_path / "whole", *flags)
 
     real_save = train_mod.save_checkpoint
-
-    def killed_after_step_4(accelerator, out, step, keep, sharded=None):
-        real_save(accelerator, out, step, keep, sharded)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", killed_after_step_4)
+    monkeypatch.setattr(train_mod, "save_checkpoint", killed_after(4, real_save))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_model_dir, tiny_corpus, tmp_path / "cut", *flags)
     assert not (tmp_path / "cut" / "llama2vec_config.json").exists()
@@ -287,13 +292,7 @@ def test_lora_checkpoints_hold_the_trained_weights_only_and_resume(tiny_model_di
     assert any("token_adapter" in k for k in state)
 
     real_save = train_mod.save_checkpoint
-
-    def killed_after_step_2(accelerator, out, step, keep, sharded=None):
-        real_save(accelerator, out, step, keep, sharded)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", killed_after_step_2)
+    monkeypatch.setattr(train_mod, "save_checkpoint", killed_after(2, real_save))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_model_dir, tiny_corpus, tmp_path / "cut", *flags)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)

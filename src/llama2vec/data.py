@@ -27,6 +27,7 @@ from .store import (
     differences,
     file_identity,
     fingerprint,
+    open_for_reading,
     read_json_or_none,
     strict_json,
     write_lines,
@@ -59,15 +60,7 @@ class ReadStats:
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, decoded line), with a clear error for bytes that are not UTF-8 and for a file
     that cannot be read. A UTF-8 byte order mark opening the file is dropped."""
-    try:
-        fh = path.open("rb")
-    except FileNotFoundError:
-        raise Llama2VecError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise Llama2VecError(f"{path}: is a folder, expected a file") from None
-    except (OSError, ValueError) as e:  # permission denied and the like; a NUL byte in the path
-        raise Llama2VecError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
-    with fh:
+    with open_for_reading(path) as fh:
         number = 0
         while True:
             try:

@@ -213,16 +213,25 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=_no_constant)
 
 
-def read_text_file(path: Path, missing: str = "file not found") -> str:
-    """A whole UTF-8 file, a leading byte order mark dropped; errors name the file (and line)."""
+def open_for_reading(path: Path, missing: str = "file not found"):
+    """`path` opened in binary mode, or an error naming it (missing, a folder, unreadable)."""
     try:
-        raw = path.read_bytes()
+        return path.open("rb")
     except FileNotFoundError:
         raise Llama2VecError(f"{path}: {missing}") from None
     except IsADirectoryError:
         raise Llama2VecError(f"{path}: is a folder, expected a file") from None
     except (OSError, ValueError) as e:  # permission denied and the like; a NUL byte in the path
         raise Llama2VecError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+
+
+def read_text_file(path: Path, missing: str = "file not found") -> str:
+    """A whole UTF-8 file, a leading byte order mark dropped; errors name the file (and line)."""
+    with open_for_reading(path, missing) as fh:
+        try:
+            raw = fh.read()
+        except OSError as e:
+            raise Llama2VecError(f"{path}: cannot read: {e.strerror or e}") from None
     raw = raw.removeprefix(b"\xef\xbb\xbf")
     try:
         return raw.decode("utf-8")
