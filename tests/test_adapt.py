@@ -358,3 +358,28 @@ def test_fsdp_finetune_equals_ddp(tiny_model_dir, tmp_path):
     ddp, fsdp = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "fsdp" / "model.safetensors")
     for name in ddp:
         torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0)
+
+
+def test_save_through_accelerates_gather_equals_the_plain_save(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    """Under accelerate's FSDP or ZeRO-3 (GPU launches) the final weights come from accelerate's gather,
+    keyed and untied like the plain save; in one process that gather is the whole state dict."""
+    plain = tmp_path / "plain"
+    run(tiny_model_dir, tiny_corpus, plain, "--max-steps", "2", "--full")
+    calls = []
+    real_gather = train_mod.gathered_weights
+
+    def gather(*args):
+        calls.append(1)
+        return real_gather(*args)
+
+    monkeypatch.setattr(train_mod, "sharded_by_accelerate", lambda accelerator: True)
+    monkeypatch.setattr(train_mod, "gathered_weights", gather)
+    gathered = tmp_path / "gathered"
+    run(tiny_model_dir, tiny_corpus, gathered, "--max-steps", "2", "--full")
+    assert calls == [1]
+    a, b = load_file(plain / "model.safetensors"), load_file(gathered / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    with pytest.raises(Exception, match="LoRA under accelerate's FSDP"):
+        run(tiny_model_dir, tiny_corpus, tmp_path / "lora", "--max-steps", "1", "--lora")

@@ -209,12 +209,35 @@ def full_weights(lm: nn.Module) -> dict[str, torch.Tensor]:
     takes part; the others get an empty dict)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    weights = get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return untied(lm, get_model_state_dict(lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+
+
+def untied(lm: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` with a tied LM head saved once, as the input embeddings, like an unsharded save."""
     head = lm.get_output_embeddings()
     if weights and head is not None and head.weight is lm.get_input_embeddings().weight:
-        # Tied: saved once, as the input embeddings, like an unsharded save.
         weights.pop(next(n for n, m in lm.named_modules() if m is head) + ".weight", None)
     return weights
+
+
+def sharded_by_accelerate(accelerator) -> bool:
+    """True where accelerate's own FSDP or DeepSpeed ZeRO-3 holds the parameters sharded (a launch with
+    those configs on GPUs): the main process's module then holds only its shard."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def gathered_weights(accelerator, prepared: nn.Module, lm: nn.Module) -> dict[str, torch.Tensor]:
+    """The LM's whole state dict gathered by accelerate from every process (all take part), keyed like
+    `lm.state_dict()`; the main process gets the weights, the others may get an empty dict."""
+    prefix = next(n for n, m in accelerator.unwrap_model(prepared).named_modules() if m is lm)
+    prefix = prefix + "." if prefix else ""
+    weights = accelerator.get_state_dict(prepared)
+    return untied(lm, {k[len(prefix):]: v for k, v in (weights or {}).items() if k.startswith(prefix)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,6 +358,9 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
     else:
         module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
         partial, sharded = checkpoint_trainable_only(accelerator, module), None
+        if sharded_by_accelerate(accelerator) and partial:
+            raise Llama2VecError("LoRA under accelerate's FSDP or DeepSpeed ZeRO-3 is not supported (the merge needs "
+                                 "whole weights): use DDP or ZeRO-1/2 for LoRA, or --full")
     # An optimizer step takes grad_accum micro-batches; the last of an epoch may take fewer (accelerate
     # syncs at the end of the data loader).
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
@@ -407,7 +433,8 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
     for tracker in accelerator.trackers:  # the process group stays up for the caller's final save
         tracker.finish()
     return {"steps": step, "resumed_from": resumed_from, "seconds": time.time() - t0, "last": last,
-            "module": accelerator.unwrap_model(module), "sharded": sharded is not None}
+            "module": accelerator.unwrap_model(module), "prepared": module,
+            "sharded": sharded is not None or sharded_by_accelerate(accelerator)}
 
 
 def _log_records(path: Path) -> list[dict]:
@@ -448,8 +475,11 @@ def finish(accelerator, result: dict, tokenizer, spec, out: Path, gradient_check
     from .losses import unwrap_lm
     from .models import save_model_folder
 
-    trained = result.pop("module").model
-    weights = full_weights(trained) if result.pop("sharded") else None  # FSDP: gathered from every process
+    trained, prepared = result.pop("module").model, result.pop("prepared")
+    weights = None
+    if result.pop("sharded"):  # gathered from every process
+        weights = gathered_weights(accelerator, prepared, trained) if sharded_by_accelerate(accelerator) \
+            else full_weights(trained)
     if accelerator.is_main_process:
         if gradient_checkpointing:
             unwrap_lm(trained).activation_checkpointing_disable()
