@@ -20,7 +20,8 @@ import llama2vec.encoder as encoder_mod
 from llama2vec.cli import main
 from llama2vec.data import PairDataset, build_pair_cache
 from llama2vec.demo import DemoSettings, StageCache, evaluate_system
-from llama2vec.encoder import Llama2Vec, encode_to_folder, load_embeddings
+from llama2vec.embeddings import ListSource, encode_to_folder, load_embeddings
+from llama2vec.encoder import Llama2Vec
 from llama2vec.errors import Llama2VecError
 from llama2vec.index import build_index, save_index, search_shards
 from llama2vec.metrics import evaluate_run
@@ -45,13 +46,17 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
     # A temporary of a process that is gone is removed by the next writer; a live one's is kept.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".b.txt.tmp-{dead.stdout.strip()}"
+    host = temp_path(path).name.rsplit(".", 1)[1]
+    stale = tmp_path / f".b.txt.tmp-{dead.stdout.strip()}.{host}"
     stale.write_text("left by a killed run")
-    live = tmp_path / f".c.txt.tmp-{os.getppid()}"
+    live = tmp_path / f".c.txt.tmp-{os.getppid()}.{host}"
     live.write_text("being written")
+    # Another machine's temporary (a folder shared by jobs on several machines) is never taken for dead.
+    elsewhere = tmp_path / f".e.txt.tmp-{dead.stdout.strip()}.another-machine"
+    elsewhere.write_text("being written elsewhere")
     atomic_write(tmp_path / "d.txt", "new")
-    assert not stale.exists() and live.exists() and (tmp_path / "d.txt").read_text() == "new"
-    assert clean_stale(tmp_path) == [] and temp_path(path).name == f".a.txt.tmp-{os.getpid()}"
+    assert not stale.exists() and live.exists() and elsewhere.exists() and (tmp_path / "d.txt").read_text() == "new"
+    assert clean_stale(tmp_path) == [] and temp_path(path).name == f".a.txt.tmp-{os.getpid()}.{host}"
 
 
 # ------------------------------------------------------------------------------- 1. stale reuse
@@ -60,25 +65,25 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
 def test_encode_refuses_embeddings_made_from_other_inputs(tiny_model_dir, tmp_path, monkeypatch):
     enc = tiny_folder_encoder(tiny_model_dir)
     out = tmp_path / "emb"
-    encode_to_folder(enc, IDS, SENTENCES, out, "self", shard_size=3)
+    encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "self", shard_size=3)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["fingerprint"]["dtype"] == "float32" and meta["fingerprint"]["model"].startswith("folder:")
 
     monkeypatch.setattr(encoder_mod.Llama2Vec, "encode_ids", lambda *a, **k: pytest.fail("encoded again"))
-    assert encode_to_folder(enc, IDS, SENTENCES, out, "self", shard_size=3) == out  # the same: reused
+    assert encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "self", shard_size=3) == out  # the same: reused
     with pytest.raises(Llama2VecError, match=r"another dtype: pass --overwrite"):
-        encode_to_folder(enc, IDS, SENTENCES, out, "self", shard_size=3, dtype="float16")
+        encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "self", shard_size=3, dtype="float16")
     with pytest.raises(Llama2VecError, match=r"another texts"):
-        encode_to_folder(enc, IDS, [t.upper() for t in SENTENCES], out, "self", shard_size=3)
+        encode_to_folder(enc, ListSource(IDS, [t.upper() for t in SENTENCES]), out, "self", shard_size=3)
     with pytest.raises(Llama2VecError, match=r"another task:"):
-        encode_to_folder(enc, IDS, SENTENCES, out, "next", shard_size=3)
+        encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "next", shard_size=3)
     enc.spec.prefix = "Another prefix: "
     with pytest.raises(Llama2VecError, match=r"another prompt"):
-        encode_to_folder(enc, IDS, SENTENCES, out, "self", shard_size=3)
+        encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "self", shard_size=3)
 
     monkeypatch.undo()
     enc = tiny_folder_encoder(tiny_model_dir)
-    encode_to_folder(enc, IDS, SENTENCES, out, "self", shard_size=3, dtype="float16", overwrite=True)
+    encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "self", shard_size=3, dtype="float16", overwrite=True)
     ids, emb = load_embeddings(out)
     assert ids == IDS and emb.dtype == np.float16
 
@@ -94,9 +99,9 @@ def test_encode_refuses_embeddings_made_from_other_inputs(tiny_model_dir, tmp_pa
     real = Llama2Vec.encode_ids
     monkeypatch.setattr(encoder_mod.Llama2Vec, "encode_ids", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        encode_to_folder(enc, IDS, SENTENCES, tmp_path / "part", "self", shard_size=3)
+        encode_to_folder(enc, ListSource(IDS, SENTENCES), tmp_path / "part", "self", shard_size=3)
     with pytest.raises(Llama2VecError, match=r"shards: holds embeddings made with another shard_size"):
-        encode_to_folder(enc, IDS, SENTENCES, tmp_path / "part", "self", shard_size=4)
+        encode_to_folder(enc, ListSource(IDS, SENTENCES), tmp_path / "part", "self", shard_size=4)
 
 
 def test_encode_cli_names_the_difference_and_the_flag(tiny_model_dir, tmp_path, capsys):
@@ -225,7 +230,7 @@ def test_an_os_error_is_a_one_line_error(tmp_path, capsys, monkeypatch):
 def test_empty_inputs_are_errors(tiny_model_dir, tmp_path):
     enc = tiny_folder_encoder(tiny_model_dir)
     with pytest.raises(Llama2VecError, match="nothing to encode"):
-        encode_to_folder(enc, [], [], tmp_path / "e", "self")
+        encode_to_folder(enc, ListSource([], []), tmp_path / "e", "self")
     with pytest.raises(Llama2VecError, match="nothing to index"):
         build_index(np.zeros((0, 8), dtype=np.float32))
     from llama2vec.mine import mine
@@ -268,7 +273,7 @@ def test_a_tokenizer_without_pad_eos_or_unk(tmp_path):
 
 def test_truncation_is_counted_and_stored(tiny_model_dir, tiny_corpus, tmp_path):
     enc = tiny_folder_encoder(tiny_model_dir)  # passages cut to 8 tokens
-    out = encode_to_folder(enc, IDS, SENTENCES, tmp_path / "e", "self")
+    out = encode_to_folder(enc, ListSource(IDS, SENTENCES), tmp_path / "e", "self")
     lengths = [len(r) for r in enc.tokenize(SENTENCES)]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["truncated"] == sum(n > 8 for n in lengths) > 0 and meta["texts"] == len(SENTENCES)
@@ -323,12 +328,12 @@ def test_a_full_disk_fails_cleanly_and_leaves_nothing_that_looks_complete(tiny_m
                             for i, t in enumerate(SENTENCES * 5)))
     out = tmp_path / "emb"
     done = _cli(["encode", "--model", str(tiny_model_dir), "--input", str(data), "--output", str(out),
-                 "--shard-size", "4", "--device", "cpu"], limit=3000)  # shards fit, the whole 40 x 32 array not
+                 "--shard-size", "4", "--device", "cpu"], limit=1200)  # shards fit, the manifest (1.3 kB) not
     assert done.returncode == 2, done.stderr
-    assert f"llama2vec: error: {out / 'embeddings.npy'}: cannot write: " in done.stderr
+    assert f"llama2vec: error: {out / 'meta.json'}: cannot write: " in done.stderr
     assert "Traceback" not in done.stderr
     assert not (out / "meta.json").exists() and not list(out.rglob("*.tmp-*"))
-    assert len(list((out / "shards").glob("shard-*.npy"))) == 10  # kept for the run after space is freed
+    assert len(list((out / "shards").glob("shard-*.json"))) == 10  # kept for the run after space is freed
 
     ad = tmp_path / "adapted"
     done = _cli(["adapt", "--model", str(tiny_model_dir), "--corpus", str(tiny_corpus), "--output", str(ad),

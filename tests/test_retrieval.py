@@ -18,7 +18,8 @@ from test_formats_metrics import write_beir
 import llama2vec.encoder as encoder_mod
 from llama2vec.cli import main
 from llama2vec.config import PromptConfig
-from llama2vec.encoder import Llama2Vec, encode_to_folder, load_embeddings, pool
+from llama2vec.embeddings import ListSource, encode_to_folder, load_embeddings
+from llama2vec.encoder import Llama2Vec, pool
 from llama2vec.errors import Llama2VecError
 from llama2vec.evaluate import fuse_rrf
 from llama2vec.finetune import infonce
@@ -140,12 +141,12 @@ def test_encode_to_folder_resumes_after_a_kill(tmp_path, monkeypatch):
 
     monkeypatch.setattr(encoder_mod.Llama2Vec, "encode_ids", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        encode_to_folder(enc, ids, TEXTS, tmp_path / "emb", "self", shard_size=4, dtype="float16")
+        encode_to_folder(enc, ListSource(ids, TEXTS), tmp_path / "emb", "self", shard_size=4, dtype="float16")
     assert not (tmp_path / "emb" / "meta.json").exists()
     assert len(list((tmp_path / "emb" / "shards").glob("shard-*.npy"))) == 1
     monkeypatch.setattr(encoder_mod.Llama2Vec, "encode_ids", real)
     calls.clear()
-    out = encode_to_folder(enc, ids, TEXTS, tmp_path / "emb", "self", shard_size=4, dtype="float16")
+    out = encode_to_folder(enc, ListSource(ids, TEXTS), tmp_path / "emb", "self", shard_size=4, dtype="float16")
     got_ids, emb = load_embeddings(out)
     assert got_ids == ids and emb.dtype == np.float16
     np.testing.assert_allclose(emb.astype(np.float32), enc.encode_corpus(TEXTS), atol=2e-3)

@@ -77,53 +77,75 @@ def _mine(args: argparse.Namespace) -> None:
     print(f"wrote {n} training examples with mined negatives to {args.output}")
 
 
-def _read_texts(path: str) -> tuple[list[str], list[str]]:
-    """ids and texts of a JSONL file of {_id|id, text[, title]} objects."""
+def _encode_source(args: argparse.Namespace):
+    """The texts `encode` reads: a BEIR corpus (streamed) or its queries, or a JSONL or Parquet file."""
     from pathlib import Path
 
-    from .data import read_jsonl
-    from .formats import passage_text
-
-    docs = list(read_jsonl(Path(path)))
-    return [d.id for d in docs], [passage_text({"title": d.title, "text": d.text}) for d in docs]
-
-
-def _encode(args: argparse.Namespace) -> None:
-    from .encoder import Llama2Vec, encode_to_folder
-    from .formats import beir_corpus, beir_queries, passage_text
+    from .embeddings import FileSource, ListSource
+    from .formats import beir_queries
 
     if args.dataset:
         if args.what == "corpus":  # no qrels needed: a folder of one's own documents is enough
-            corpus = beir_corpus(args.dataset)
-            ids, texts = list(corpus), [passage_text(d) for d in corpus.values()]
-        else:
-            queries = beir_queries(args.dataset, args.split)
-            ids, texts = list(queries), list(queries.values())
-    elif args.input:
-        ids, texts = _read_texts(args.input)
+            corpus = Path(args.dataset) / "corpus.jsonl"
+            if not Path(args.dataset).is_dir():
+                raise Llama2VecError(f"{args.dataset}: BEIR folder not found")
+            return FileSource(corpus, require_id=True)
+        queries = beir_queries(args.dataset, args.split)
+        return ListSource(list(queries), list(queries.values()))
+    if args.input:
+        return FileSource(args.input)
+    raise Llama2VecError("give --dataset DIR or --input FILE")
+
+
+def _encode(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .embeddings import encode_to_folder, merge
+
+    if args.merge:
+        print(f"completed {merge(args.output)}")
+        return
+    if not args.model:
+        raise Llama2VecError("--model is needed (except with --merge)")
+    source = _encode_source(args)
+    if args.engine == "ray":
+        from .ray_engine import encode_with_ray
+
+        out = encode_with_ray(args.model, source, args.output, args.what, backend=args.backend,
+                              shard_size=args.shard_size, dtype=args.dtype, batch_size=args.batch_size,
+                              overwrite=args.overwrite, actors=args.ray_actors, address=args.ray_address)
     else:
-        raise Llama2VecError("give --dataset DIR or --input FILE")
-    encoder = Llama2Vec.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
-                                        backend=args.backend)
-    task = "self" if args.what == "corpus" else encoder.spec.query_task
-    out = encode_to_folder(encoder, ids, texts, args.output, task, args.shard_size, args.dtype,
-                           overwrite=args.overwrite)
-    print(f"wrote {len(ids)} embeddings to {out}")
+        from .encoder import Llama2Vec
+
+        device = args.device
+        if device == "auto" and "LOCAL_RANK" in os.environ:  # torchrun or accelerate: one GPU a process
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+        encoder = Llama2Vec.from_pretrained(args.model, device=device, batch_size=args.batch_size,
+                                            backend=args.backend)
+        task = "self" if args.what == "corpus" else encoder.spec.query_task
+        out = encode_to_folder(encoder, source, args.output, task, args.shard_size, args.dtype,
+                               overwrite=args.overwrite, num_shards=args.num_shards, shard_index=args.shard_index)
+    if (Path(out) / "meta.json").is_file():
+        print(f"wrote the embeddings folder {out}")
+    else:
+        print(f"wrote this process's shards into {out}; the last process to finish completes it")
 
 
 def _index(args: argparse.Namespace) -> None:
-    from .encoder import load_embeddings
-    from .index import build_index, save_index
+    from .index import index_folder
     from .store import read_json
 
-    ids, emb = load_embeddings(args.embeddings)
     source = read_json(f"{args.embeddings}/meta.json").get("fingerprint")
-    save_index(args.output, build_index(emb, args.factory), ids, args.factory, {"embeddings": source})
-    print(f"indexed {len(ids)} embeddings ({args.factory}) into {args.output}")
+    out = index_folder(args.embeddings, args.output, args.factory, args.train_size, args.pca, args.parts,
+                       seed=args.seed, gpu=args.faiss_gpu, meta={"embeddings": source})
+    print(f"indexed {args.embeddings} ({args.factory}{f' after PCA to {args.pca}' if args.pca else ''}) into {out}")
 
 
 def _search(args: argparse.Namespace) -> None:
-    from .encoder import load_embeddings
+    from .embeddings import load_embeddings
     from .evaluate import fuse_rrf
     from .formats import read_run, write_run
     from .index import search_shards
@@ -223,26 +245,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="Training JSONL to write.")
     p.set_defaults(func=_mine)
 
-    p = sub.add_parser("encode", help="Encode a corpus or queries into an embeddings folder.")
-    p.add_argument("--model", required=True, help="llama2vec model folder, causal LM, or 'smollm2'.")
+    p = sub.add_parser("encode", help="Encode a corpus or queries into an embeddings folder, streamed shard by "
+                                      "shard; under torchrun, or as --num-shards jobs, or on Ray, split by shard.")
+    p.add_argument("--model", help="llama2vec model folder, causal LM, or 'smollm2'.")
     p.add_argument("--dataset", help="BEIR folder.")
     p.add_argument("--split", default="test", help="Split whose queries are encoded.")
     p.add_argument("--what", choices=["corpus", "queries"], default="corpus")
-    p.add_argument("--input", help="JSONL of {_id, text[, title]} instead of --dataset.")
-    p.add_argument("--output", required=True, help="Embeddings folder: embeddings.npy, ids.txt, meta.json.")
+    p.add_argument("--input", help="JSONL ({_id, text[, title]} per line) or Parquet (text[, title, id]) instead "
+                                   "of --dataset.")
+    p.add_argument("--output", required=True, help="Embeddings folder: shards/, ids.txt, meta.json (the manifest).")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=1024, help="Texts per shard (the unit of resuming).")
+    p.add_argument("--shard-size", type=int, default=1024,
+                   help="Texts per shard: the unit of work of a process and of resuming.")
+    p.add_argument("--num-shards", type=int, help="Split the shards over this many jobs (a SLURM array, "
+                                                  "Kubernetes jobs) writing into one --output ...")
+    p.add_argument("--shard-index", type=int, help="... of which this is job i (0-based).")
+    p.add_argument("--merge", action="store_true",
+                   help="Complete --output once every job's shards are written (the last job does it too).")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="ray: encoder actors in a Ray Data pipeline (pip install 'llama2vec[ray]').")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: a local Ray instance).")
+    p.add_argument("--ray-actors", type=int, help="Encoder actors (default: one per GPU in the cluster, else 1).")
     p.add_argument("--overwrite", action="store_true",
                    help="Encode again into an --output that holds embeddings made from other inputs or options.")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto: under torchrun, the GPU of LOCAL_RANK.")
     _add_backend(p)
     p.set_defaults(func=_encode)
 
-    p = sub.add_parser("index", help="Build a FAISS index from an embeddings folder.")
+    p = sub.add_parser("index", help="Build a FAISS index from an embeddings folder, shard by shard.")
     p.add_argument("--embeddings", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--factory", default="Flat", help="FAISS index factory string: Flat (exact), HNSW32, IVF256,PQ16.")
+    p.add_argument("--train-size", type=int, default=262_144,
+                   help="Rows (a seeded sample) that IVF, PQ and PCA are trained on.")
+    p.add_argument("--pca", type=int, help="Reduce to this many dimensions first (a FAISS PCA matrix).")
+    p.add_argument("--parts", type=int, default=1,
+                   help="Write this many index parts (consecutive shards each), searched one at a time.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the training sample.")
+    p.add_argument("--faiss-gpu", action="store_true", help="Train IVF on the GPUs (faiss-gpu).")
     p.set_defaults(func=_index)
 
     p = sub.add_parser("search", help="Search index folders (merged by top-k) and write a TREC run.")

@@ -60,8 +60,15 @@ class ReadStats:
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, decoded line), with a clear error for bytes that are not UTF-8 and for a file
     that cannot be read. A UTF-8 byte order mark opening the file is dropped."""
+    for _, number, line in lines_at(path):
+        yield number, line
+
+
+def lines_at(path: Path, offset: int = 0, number: int = 0) -> Iterator[tuple[int, int, str]]:
+    """(byte offset, line number, decoded line) of each line from byte `offset`, the start of line
+    `number` + 1 (a shard of a large file is read from where it starts)."""
     with open_for_reading(path) as fh:
-        number = 0
+        fh.seek(offset)
         while True:
             try:
                 raw = fh.readline()
@@ -70,10 +77,11 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             if not raw:
                 return
             number += 1
+            start, offset = offset, offset + len(raw)
             if number == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
-                yield number, raw.decode("utf-8")
+                yield start, number, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise Llama2VecError(
                     f"{path}:{number}: bytes that are not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
@@ -98,10 +106,16 @@ def _field(obj: dict, name: str, where: str, required: bool) -> str:
 
 def read_objects(path: Path) -> Iterator[tuple[str, dict]]:
     """('file:line', object) for each non-blank line of a JSONL file."""
-    for number, line in _lines(path):
+    for _, where, obj in objects_at(path):
+        yield where, obj
+
+
+def objects_at(path: Path, offset: int = 0, number: int = 0) -> Iterator[tuple[tuple[int, int], str, dict]]:
+    """((byte offset, line number before it), 'file:line', object) for each non-blank line from `offset`."""
+    for start, line_number, line in lines_at(path, offset, number):
         if not line.strip():
             continue
-        where = f"{path}:{number}"
+        where = f"{path}:{line_number}"
         try:
             obj = strict_json(line)
         except json.JSONDecodeError as e:
@@ -110,19 +124,27 @@ def read_objects(path: Path) -> Iterator[tuple[str, dict]]:
             raise Llama2VecError(f"{where}: invalid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise Llama2VecError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        yield where, obj
+        yield (start, line_number - 1), where, obj
 
 
 def read_jsonl(path: Path, stats: ReadStats | None = None, text_field: str = "text") -> Iterator[Document]:
     """JSONL documents: one object per line with 'text' and optional 'title' and 'id' (or '_id')."""
-    for where, obj in read_objects(path):
+    for _, doc in jsonl_documents(path, stats, text_field):
+        yield doc
+
+
+def jsonl_documents(path: Path, stats: ReadStats | None = None, text_field: str = "text", offset: int = 0,
+                    number: int = 0, require_id: bool = False) -> Iterator[tuple[tuple[int, int], Document]]:
+    """(where the line starts, document) of a JSONL file from `offset`; empty texts are skipped."""
+    for at, where, obj in objects_at(path, offset, number):
         text = _field(obj, text_field, where, required=True)
         title = _field(obj, "title", where, required=False)
-        doc_id = _field(obj, "_id" if "_id" in obj else "id", where, required=False) or where.rsplit(":", 1)[1]
+        id_name = "_id" if "_id" in obj or (require_id and "id" not in obj) else "id"
+        doc_id = _field(obj, id_name, where, required=require_id) or where.rsplit(":", 1)[1]
         if not text.strip():
             _skip(stats, where)
             continue
-        yield Document(doc_id, title, text)
+        yield at, Document(doc_id, title, text)
 
 
 def read_text(path: Path, stats: ReadStats | None = None) -> Iterator[Document]:
@@ -143,6 +165,13 @@ def read_text(path: Path, stats: ReadStats | None = None) -> Iterator[Document]:
 
 def read_parquet(path: Path, stats: ReadStats | None = None, text_field: str = "text") -> Iterator[Document]:
     """Parquet documents with a string column 'text' and optional 'title' and 'id' columns."""
+    for _, doc in parquet_documents(path, stats, text_field):
+        yield doc
+
+
+def parquet_documents(path: Path, stats: ReadStats | None = None, text_field: str = "text",
+                      start: int = 0) -> Iterator[tuple[int, Document]]:
+    """(row index, document) of a Parquet file from row `start`; empty texts are skipped."""
     import pyarrow.parquet as pq
 
     try:
@@ -158,10 +187,18 @@ def read_parquet(path: Path, stats: ReadStats | None = None, text_field: str = "
     for c in columns:
         if names.count(c) > 1:
             raise Llama2VecError(f"{path}: column {c!r} appears {names.count(c)} times")
-    row = 0
-    for data in _parquet_batches(pf, path, columns):
+    groups, row = [], 0  # the row groups from the one holding `start`
+    for g in range(pf.metadata.num_row_groups):
+        size = pf.metadata.row_group(g).num_rows
+        if row + size > start or groups:
+            groups.append(g)
+        else:
+            row += size
+    for data in _parquet_batches(pf, path, columns, groups, row):
         for i, text in enumerate(data[text_field]):
             row += 1
+            if row <= start:
+                continue
             where = f"{path}: row {row}"
             if text is not None and not isinstance(text, str):
                 raise Llama2VecError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
@@ -174,13 +211,15 @@ def read_parquet(path: Path, stats: ReadStats | None = None, text_field: str = "
                 raise Llama2VecError(f"{where}: field 'title' must be a string, got {type(title).__name__}")
             if doc_id is not None and (isinstance(doc_id, bool) or not isinstance(doc_id, (str, int))):
                 raise Llama2VecError(f"{where}: field 'id' must be a string or an integer, got {type(doc_id).__name__}")
-            yield Document(str(doc_id if doc_id is not None else row), title or "", text)
+            yield row - 1, Document(str(doc_id if doc_id is not None else row), title or "", text)
 
 
-def _parquet_batches(pf, path: Path, columns: list[str]) -> Iterator[dict[str, list]]:
-    """Column name -> values, batch by batch; damaged data is an error naming the file and rows."""
-    batches = pf.iter_batches(columns=columns, batch_size=1024)
-    done = 0
+def _parquet_batches(pf, path: Path, columns: list[str], groups: list[int], done: int = 0) -> Iterator[dict[str, list]]:
+    """Column name -> values, batch by batch over row `groups` (the first starting at row `done`);
+    damaged data is an error naming the file and rows."""
+    if not groups:
+        return
+    batches = pf.iter_batches(columns=columns, batch_size=1024, row_groups=groups)
     while True:
         try:
             batch = next(batches, None)

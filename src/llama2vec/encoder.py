@@ -1,5 +1,5 @@
-"""`Llama2Vec`: encode queries and passages with an (adapted, fine-tuned or plain) causal LM, and
-`llama2vec encode`: embeddings to `.npy` files, shard by shard, resumable.
+"""`Llama2Vec`: encode queries and passages with an (adapted, fine-tuned or plain) causal LM
+(`llama2vec encode` writes them to folders: see `embeddings`).
 
 Queries use the prompt named by the model's `query_task` (NEXT by default, as in the method);
 passages use the SELF prompt. Embeddings are pooled over the placeholder positions and
@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +24,6 @@ from .losses import last_states, unwrap_lm
 from .models import add_placeholder_tokens, load_causal_lm, resolve_model_path
 from .onnx_int8 import OnnxDecoder, cached_export
 from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
-from .store import (
-    atomic_file,
-    clean_stale,
-    differences,
-    fingerprint,
-    model_identity,
-    read_json,
-    read_json_or_none,
-    texts_identity,
-    write_json,
-    write_lines,
-)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +69,15 @@ def compiled_last_states(device: torch.device):
     return states
 
 
+def model_spec(name: str, prompt: PromptConfig | None = None, max_length: int = 128) -> tuple[str, PromptSpec]:
+    """(the model's folder or hub id, how it encodes) without loading its weights: a llama2vec folder's
+    llama2vec_config.json, else the prompt of `prompt` (default: llara)."""
+    path = resolve_model_path(name)
+    if (Path(path) / CONFIG_NAME).is_file() and prompt is None:
+        return path, PromptSpec.load(path)
+    return path, resolve_prompt(prompt or PromptConfig(), max_length)
+
+
 class Llama2Vec:
     """A retrieval encoder around a causal LM. `encode_queries` and `encode_corpus` return
     (N, H) float32 L2-normalised arrays, the interface BEIR- and MTEB-style evaluators call.
@@ -119,15 +114,11 @@ class Llama2Vec:
             backend, dtype = "torch", "bfloat16"
         if backend == "torch-compile":
             backend, kwargs["compile"] = "torch", True
-        path = resolve_model_path(name)
+        path, spec = model_spec(name, prompt, max_length)
         if backend != "torch":
             device, dtype = "cpu", "float32"  # the export starts from the float32 CPU model
         cfg = ModelConfig(model=name, device=device, dtype=dtype, attn_implementation=attn_implementation)
         tokenizer, model, _ = load_causal_lm(cfg, path)
-        if (Path(path) / CONFIG_NAME).is_file() and prompt is None:
-            spec = PromptSpec.load(path)
-        else:
-            spec = resolve_prompt(prompt or PromptConfig(), max_length)
         add_placeholder_tokens(tokenizer, model, spec.new_tokens())
         if backend != "torch":
             k = prompt_ids(spec, tokenizer).k
@@ -173,29 +164,7 @@ class Llama2Vec:
 
 
 # --------------------------------------------------------------------------------------------
-# Embedding files
-
-
-def save_embeddings(folder: Path, ids: list[str], emb: np.ndarray, meta: dict | None = None) -> None:
-    """`embeddings.npy` (N, H) + `ids.txt` (one id per line) + `meta.json`, each written atomically;
-    meta.json comes last and marks the folder complete."""
-    (folder / "meta.json").unlink(missing_ok=True)
-    write_lines(folder / "ids.txt", ids)
-    with atomic_file(folder / "embeddings.npy") as tmp, tmp.open("wb") as fh:
-        np.save(fh, emb)
-    write_json(folder / "meta.json", {"count": len(ids), "dim": int(emb.shape[1]), "dtype": str(emb.dtype),
-                                      **(meta or {})})
-
-
-def load_embeddings(folder: str | Path) -> tuple[list[str], np.ndarray]:
-    folder = Path(folder)
-    if not (folder / "meta.json").is_file():
-        raise Llama2VecError(f"{folder}: not a finished embeddings folder (no meta.json)")
-    ids = (folder / "ids.txt").read_text(encoding="utf-8").splitlines()
-    emb = np.load(folder / "embeddings.npy")
-    if len(ids) != emb.shape[0]:
-        raise Llama2VecError(f"{folder}: {len(ids)} ids for {emb.shape[0]} embeddings")
-    return ids, emb
+# Truncation
 
 
 def truncation(lengths: list[int], max_length: int, what: str = "texts") -> dict:
@@ -207,74 +176,3 @@ def truncation(lengths: list[int], max_length: int, what: str = "texts") -> dict
         log.warning("%d of %d %s (%.1f%%) are longer than %d tokens and are cut", cut, len(lengths), what,
                     100 * stats["truncated_share"], max_length)
     return stats
-
-
-def encode_fingerprint(encoder: Llama2Vec, ids: list[str], texts: list[str], task: str, shard_size: int,
-                       dtype: str, max_length: int) -> dict:
-    """What an embeddings folder is made from: the model, the texts, the prompt and the options."""
-    return fingerprint(model=model_identity(encoder.source) if encoder.source else "unknown",
-                       texts=texts_identity(ids, texts), task=task, prompt=asdict(encoder.spec),
-                       max_length=max_length, backend=encoder.backend, shard_size=shard_size, dtype=dtype)
-
-
-def _check_same(folder: Path, old: dict | None, new: dict) -> None:
-    diff = differences(old, new)
-    if diff:
-        raise Llama2VecError(f"{folder}: holds embeddings made with another {', '.join(diff)}: pass --overwrite to "
-                             f"encode again, or choose another --output")
-
-
-def encode_to_folder(encoder: Llama2Vec, ids: list[str], texts: list[str], output: str | Path, task: str,
-                     shard_size: int = 1024, dtype: str = "float32", batch_size: int | None = None,
-                     overwrite: bool = False) -> Path:
-    """Encode texts into an embeddings folder. Texts are sorted by length and encoded in shards
-    written atomically under `output/shards/`; a killed run resumes at the first missing shard.
-    A finished folder (or finished shards) made from other inputs or options is an error, unless
-    `overwrite`."""
-    from tqdm.auto import tqdm
-
-    output = Path(output)
-    if not ids:
-        raise Llama2VecError(f"{output}: nothing to encode (no texts)")
-    dupes = [i for i, n in Counter(ids).items() if n > 1]
-    if dupes:
-        raise Llama2VecError(f"duplicate ids in the texts to encode: {', '.join(dupes[:5])}")
-    spec = encoder.spec
-    max_length = spec.max_length if task == "self" else (spec.query_max_length or spec.max_length)
-    fp = encode_fingerprint(encoder, ids, texts, task, shard_size, dtype, max_length)
-    shards = output / "shards"
-    if overwrite and output.exists():
-        for name in ("meta.json", "embeddings.npy", "ids.txt"):
-            (output / name).unlink(missing_ok=True)
-        shutil.rmtree(shards, ignore_errors=True)
-    if (output / "meta.json").is_file():
-        _check_same(output, read_json(output / "meta.json").get("fingerprint"), fp)
-        log.info("%s: already encoded", output)
-        shutil.rmtree(shards, ignore_errors=True)  # left by a run killed after its meta.json, before this removal
-        return output
-    if (shards / "fingerprint.json").is_file():
-        _check_same(shards, read_json_or_none(shards / "fingerprint.json"), fp)
-    else:
-        shutil.rmtree(shards, ignore_errors=True)
-        write_json(shards / "fingerprint.json", fp)
-    clean_stale(shards)
-    rows = encoder.tokenize(texts)
-    cut = truncation([len(r) for r in rows], max_length)
-    rows = [r[:max_length] for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    n_shards = (len(order) + shard_size - 1) // shard_size
-    for s in tqdm(range(n_shards), desc=f"encoding {output.name}", unit="shard"):
-        path = shards / f"shard-{s:05d}.npy"
-        if path.is_file():
-            continue
-        idx = order[s * shard_size: (s + 1) * shard_size]
-        emb = encoder.encode_ids([rows[i] for i in idx], task, batch_size)
-        with atomic_file(path) as tmp, tmp.open("wb") as fh:
-            np.save(fh, emb.astype(dtype))
-    emb = np.zeros((len(rows), encoder.dim), dtype=dtype)
-    for s in range(n_shards):
-        idx = order[s * shard_size: (s + 1) * shard_size]
-        emb[idx] = np.load(shards / f"shard-{s:05d}.npy")
-    save_embeddings(output, ids, emb, {"task": task, "model_prompt": encoder.spec.preset, **cut, "fingerprint": fp})
-    shutil.rmtree(shards, ignore_errors=True)
-    return output

@@ -12,33 +12,107 @@ from .formats import Run
 from .store import atomic_file, write_json, write_lines
 
 
-def build_index(emb: np.ndarray, factory: str = "Flat"):
-    """A FAISS inner-product index from an index-factory string ('Flat' exact, 'HNSW32',
-    'IVF256,PQ16', ...). Embeddings (N, H) are expected L2-normalised."""
+def new_index(dim: int, factory: str, pca: int | None = None):
+    """An empty FAISS inner-product index from an index-factory string ('Flat' exact, 'HNSW32',
+    'IVF256,PQ16', ...), behind a PCA to `pca` dimensions when given."""
     import faiss
 
+    full = f"PCA{pca},{factory}" if pca else factory
+    try:
+        return faiss.index_factory(dim, full, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise Llama2VecError(f"bad FAISS index factory string {full!r}: {str(e).splitlines()[-1]}") from None
+
+
+def train(index, sample: np.ndarray, gpu: bool = False) -> None:
+    """Train an index that needs it (IVF centroids, PQ codebooks, PCA) on `sample`; with `gpu`, the
+    IVF k-means runs on every GPU FAISS sees (faiss-gpu)."""
+    import faiss
+
+    if index.is_trained:
+        return
+    if gpu:
+        if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+            raise Llama2VecError("--faiss-gpu needs faiss-gpu and a GPU (pip install faiss-gpu-cu12)")
+        try:
+            ivf = faiss.extract_index_ivf(index)
+        except RuntimeError:
+            raise Llama2VecError("--faiss-gpu trains IVF indexes (an IVF factory string)") from None
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+
+def build_index(emb: np.ndarray, factory: str = "Flat", pca: int | None = None):
+    """An index over embeddings (N, H) in memory, expected L2-normalised."""
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     if emb.ndim != 2 or len(emb) == 0:
         raise Llama2VecError(f"nothing to index: embeddings of shape {emb.shape}")
-    try:
-        index = faiss.index_factory(emb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise Llama2VecError(f"bad FAISS index factory string {factory!r}: {str(e).splitlines()[-1]}") from None
-    if not index.is_trained:
-        index.train(emb)
+    index = new_index(emb.shape[1], factory, pca)
+    train(index, emb)
     index.add(emb)
     return index
 
 
-def save_index(folder: str | Path, index, ids: list[str], factory: str, meta: dict | None = None) -> Path:
+def index_folder(embeddings: str | Path, output: str | Path, factory: str = "Flat", train_size: int = 262_144,
+                 pca: int | None = None, parts: int = 1, batch: int = 65_536, seed: int = 0, gpu: bool = False,
+                 meta: dict | None = None) -> Path:
+    """Index an embeddings folder without holding it in memory: trained on `train_size` rows drawn
+    with `seed`, then filled `batch` rows at a time from the memory-mapped shards. With `parts` > 1,
+    `parts` index folders (each over consecutive shards, all with the one trained quantizer) that
+    `search` reads one at a time: peak memory at search is one part."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    from .embeddings import Embeddings
+
+    emb = Embeddings(embeddings)
+    if emb.count == 0:
+        raise Llama2VecError(f"{embeddings}: nothing to index (no embeddings)")
+    if not 1 <= parts <= len(emb.names):
+        raise Llama2VecError(f"--parts must be in 1..{len(emb.names)} (the embeddings' shard count), got {parts}")
+    if train_size < 1 or batch < 1:
+        raise Llama2VecError("--train-size and the batch size must be positive")
+    empty = new_index(emb.dim, factory, pca)
+    if not empty.is_trained:
+        train(empty, emb.sample(train_size, seed), gpu)
+    info = {"factory": factory, "pca": pca, "train_size": min(train_size, emb.count), "seed": seed, **(meta or {})}
+    output = Path(output)
+    bounds = np.linspace(0, len(emb.names), parts + 1).round().astype(int)
+    ids = iter(_read_ids(emb.folder / "ids.txt"))
+    bar = tqdm(total=emb.count, desc=f"indexing {output.name}", unit="vec")
+    folders = []
+    for p in range(parts):
+        index = faiss.clone_index(empty)
+        for s in range(bounds[p], bounds[p + 1]):
+            shard = emb.shard(s)
+            for start in range(0, len(shard), batch):
+                index.add(np.ascontiguousarray(shard[start: start + batch], dtype=np.float32))
+                bar.update(min(batch, len(shard) - start))
+        folder = output if parts == 1 else output / f"part-{p:03d}"
+        part_ids = (next(ids) for _ in range(index.ntotal))
+        folders.append(save_index(folder, index, part_ids, factory, info))
+    bar.close()
+    if parts > 1:
+        write_json(output / "meta.json", {**info, "count": emb.count, "dim": emb.dim,
+                                          "parts": [f.name for f in folders]})
+    return output
+
+
+def _read_ids(path: Path):
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            yield line.rstrip("\n")
+
+
+def save_index(folder: str | Path, index, ids, factory: str, meta: dict | None = None) -> Path:
     import faiss
 
     folder = Path(folder)
     (folder / "meta.json").unlink(missing_ok=True)  # written last: it marks the folder complete
-    write_lines(folder / "ids.txt", ids)
+    count = write_lines(folder / "ids.txt", ids)
     with atomic_file(folder / "index.faiss") as tmp:
         faiss.write_index(index, str(tmp))
-    write_json(folder / "meta.json", {"factory": factory, "count": len(ids), "dim": index.d, **(meta or {})})
+    write_json(folder / "meta.json", {"factory": factory, "count": count, "dim": index.d, **(meta or {})})
     return folder
 
 
@@ -89,11 +163,22 @@ def to_run(query_ids: list[str], doc_ids: list[str], scores: np.ndarray, found: 
             for q, row_ids, row_scores in zip(query_ids, found, scores)}
 
 
+def index_parts(folder: str | Path) -> list[Path]:
+    """The index folders a folder stands for: itself, or its parts (`index --parts`)."""
+    from .store import read_json_or_none
+
+    folder = Path(folder)
+    meta = read_json_or_none(folder / "meta.json")
+    if meta is None:
+        raise Llama2VecError(f"{folder}: not an index folder (no meta.json)")
+    return [folder / p for p in meta["parts"]] if "parts" in meta else [folder]
+
+
 def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.ndarray, k: int,
                   params: str | None = None) -> Run:
-    """Search every index folder and merge their top-k by score."""
+    """Search every index folder (one at a time: one in memory) and merge their top-k by score."""
     results, all_ids, seen = [], [], {}
-    for folder in folders:
+    for folder in (part for f in folders for part in index_parts(f)):
         index, ids = load_index(folder)
         clash = [i for i in ids if i in seen]
         if clash:

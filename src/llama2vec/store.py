@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,15 @@ WHOLE_LIMIT = 64 << 20  # files up to this size are hashed whole
 # Temporaries
 
 
+def _host() -> str:
+    """This machine's name, kept to letters, digits and '-' (temporaries name their machine, so
+    jobs on several machines writing one shared folder neither clash nor remove each other's)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
 def temp_path(path: Path) -> Path:
-    """The temporary name this process writes `path` under: `.NAME.tmp-PID` in the same folder."""
-    return path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
+    """The temporary name this process writes `path` under: `.NAME.tmp-PID.HOST` in the same folder."""
+    return path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}.{_host()}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -68,7 +75,9 @@ def clean_stale(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for p in folder.glob(f".*{TMP_TAG}*"):
-        pid = p.name.rsplit(TMP_TAG, 1)[1]
+        pid, _, host = p.name.rsplit(TMP_TAG, 1)[1].partition(".")
+        if host and host != _host():  # another machine's: it cannot be told dead from here
+            continue
         if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue
         remove(p)

@@ -1,0 +1,272 @@
+"""Corpora larger than memory: streamed, sharded encoding on several processes, jobs or Ray actors,
+and indexing shard by shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_adapt import torchrun
+
+from llama2vec.embeddings import Embeddings, load_embeddings
+from llama2vec.errors import Llama2VecError
+
+WORDS = ("the a market stock cat sat mat government election football match music film science rain "
+         "river bank vote player song").split()
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def write_corpus(path: Path, n: int, words: int = 12, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for i in range(n):
+            title = f"Title {i}" if i % 3 == 0 else ""
+            fh.write(json.dumps({"_id": f"p{i}", "title": title,
+                                 "text": " ".join(rng.choice(WORDS) for _ in range(words))}) + "\n")
+    return path
+
+
+def encode(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llama2vec", "encode", "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=600, env=env or ENV)
+
+
+def assert_same(a: Path, b: Path, atol: float = 1e-6) -> None:
+    ids_a, emb_a = load_embeddings(a)
+    ids_b, emb_b = load_embeddings(b)
+    assert ids_a == ids_b and len(set(ids_a)) == len(ids_a)
+    assert emb_a.shape == emb_b.shape and np.abs(emb_a - emb_b).max() <= atol
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return write_corpus(tmp_path / "corpus.jsonl", 230)
+
+
+@pytest.fixture
+def single(tiny_model_dir, corpus, tmp_path):
+    """The corpus encoded by one process: the reference."""
+    out = tmp_path / "single"
+    done = encode("--model", str(tiny_model_dir), "--input", str(corpus), "--output", str(out), "--shard-size", "20")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_the_folder_is_a_manifest_over_memory_mapped_shards(single, tiny_model_dir, corpus):
+    from llama2vec.embeddings import FileSource, ListSource, encode_to_folder
+    from llama2vec.encoder import Llama2Vec
+
+    emb = Embeddings(single)
+    assert emb.count == 230 and len(emb.names) == 12 and emb.meta["fingerprint"]["shard_size"] == 20
+    assert isinstance(emb.shard(0), np.memmap) and emb.shard(0).shape == (20, emb.dim)
+    ids, array = load_embeddings(single)
+    assert ids == [f"p{i}" for i in range(230)]
+    # Each shard's rows are its texts' embeddings encoded alone.
+    enc = Llama2Vec.from_pretrained(str(tiny_model_dir), device="cpu")
+    docs = [json.loads(line) for line in corpus.read_text().splitlines()]
+    alone = enc.encode_corpus([docs[i] for i in (0, 1, 119, 229)], batch_size=1)
+    assert np.abs(array[[0, 1, 119, 229]] - alone).max() <= 1e-5
+    # The sample IVF trains on: seeded, drawn across shards, rows of the array.
+    sample = emb.sample(50, seed=3)
+    assert np.array_equal(sample, emb.sample(50, seed=3)) and not np.array_equal(sample, emb.sample(50, seed=4))
+    assert all(np.abs(array - row).max(axis=1).min() == 0 for row in sample)
+    # The same texts in memory, or in Parquet, give the same embeddings.
+    texts = [(d["title"] + "\n" + d["text"]) if d["title"] else d["text"] for d in docs]
+    in_memory = encode_to_folder(enc, ListSource([d["_id"] for d in docs], texts), single.parent / "mem", "self", 20)
+    assert_same(single, in_memory)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [d["_id"] for d in docs], "title": [d["title"] for d in docs],
+                      "text": [d["text"] for d in docs]})
+    pq.write_table(table, single.parent / "corpus.parquet", row_group_size=37)  # shards straddle row groups
+    parquet = encode_to_folder(enc, FileSource(single.parent / "corpus.parquet"), single.parent / "pq", "self", 20)
+    assert_same(single, parquet)
+
+
+def test_two_processes_equal_one(single, tiny_model_dir, corpus, tmp_path):
+    out = tmp_path / "two"
+    torchrun("encode", "--model", str(tiny_model_dir), "--input", str(corpus), "--output", str(out),
+             "--shard-size", "20", "--device", "cpu")
+    assert_same(single, out)
+    assert json.loads((out / "meta.json").read_text()) == json.loads((single / "meta.json").read_text())
+
+
+def test_scheduler_jobs_cover_every_id_once_and_the_last_completes(single, tiny_model_dir, corpus, tmp_path):
+    out = tmp_path / "jobs"
+    common = ("--model", str(tiny_model_dir), "--input", str(corpus), "--output", str(out), "--shard-size", "20",
+              "--num-shards", "3")
+    for i in (2, 0):
+        done = encode(*common, "--shard-index", str(i))
+        assert done.returncode == 0, done.stderr
+        assert not (out / "meta.json").exists()
+    merge = encode("--merge", "--output", str(out))
+    assert merge.returncode == 2 and "4 of 12 shards are not encoded yet (1, 4, 7, 10)" in merge.stderr
+    done = encode(*common, "--shard-index", "1")  # the last job to finish writes the manifest
+    assert done.returncode == 0, done.stderr
+    assert_same(single, out)
+    ids = (out / "ids.txt").read_text().splitlines()
+    assert sorted(ids) == sorted(f"p{i}" for i in range(230))
+    assert encode("--merge", "--output", str(out)).returncode == 0  # merging a complete folder: nothing to do
+    bad = encode(*common[:-1], "4", "--shard-index", "4")
+    assert bad.returncode == 2 and "--shard-index must be in 0..3" in bad.stderr
+
+
+def test_kill_9_of_one_rank_then_the_same_command_ends_equal(single, tiny_model_dir, tmp_path):
+    corpus = write_corpus(tmp_path / "big.jsonl", 3000)
+    ref = tmp_path / "ref"
+    assert encode("--model", str(tiny_model_dir), "--input", str(corpus), "--output", str(ref),
+                  "--shard-size", "50").returncode == 0
+    out = tmp_path / "killed"
+    args = ["encode", "--model", str(tiny_model_dir), "--input", str(corpus), "--output", str(out),
+            "--shard-size", "50", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "llama2vec", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    victim, deadline = None, time.time() + 120
+    while time.time() < deadline and victim is None:  # rank 1, once it has written a shard (odd shards are its)
+        if (out / "shards" / "shard-00001.json").is_file():
+            victim = _rank_pid(proc.pid, 1)
+        time.sleep(0.05)
+    assert victim is not None, "rank 1 never wrote a shard"
+    os.kill(victim, signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0 and not (out / "meta.json").exists()
+    done = sorted(p.name for p in (out / "shards").glob("shard-*.json"))
+    assert 1 <= len(done) < 60, done
+    torchrun(*args)
+    assert_same(ref, out)
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the torchrun worker of `rank` among the descendants of `parent`."""
+    import psutil
+
+    for child in psutil.Process(parent).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "llama2vec" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_errors_come_before_any_encoding_and_name_the_line(tiny_model_dir, tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", 40)
+    lines = corpus.read_text().splitlines()
+    lines[33] = lines[33].replace('"p33"', '"p5"')
+    corpus.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "e"
+    done = encode("--model", str(tiny_model_dir), "--input", str(corpus), "--output", str(out), "--shard-size", "4")
+    assert done.returncode == 2 and f"{corpus}:34: duplicate id 'p5' (also at {corpus}:6)" in done.stderr
+    assert not list((out / "shards").glob("shard-*"))
+    lines[33] = '{"_id": "p33", "title": 5, "text": "x"}'
+    corpus.write_text("\n".join(lines) + "\n")
+    done = encode("--model", str(tiny_model_dir), "--input", str(corpus), "--output", str(tmp_path / "f"))
+    assert done.returncode == 2 and f"{corpus}:34: field 'title' must be a string" in done.stderr
+
+
+def test_beir_corpus_streams_and_needs_ids(tiny_model_dir, tmp_path):
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    write_corpus(beir / "corpus.jsonl", 30)
+    out = tmp_path / "b"
+    assert encode("--model", str(tiny_model_dir), "--dataset", str(beir), "--output", str(out)).returncode == 0
+    assert Embeddings(out).count == 30
+    (beir / "corpus.jsonl").write_text('{"text": "no id"}\n')
+    done = encode("--model", str(tiny_model_dir), "--dataset", str(beir), "--output", str(tmp_path / "c"))
+    assert done.returncode == 2 and f"{beir / 'corpus.jsonl'}:1: missing field '_id'" in done.stderr
+
+
+def test_peak_memory_does_not_grow_with_the_corpus(tiny_model_dir, tmp_path):
+    """Encoding 20k and 200k passages peaks at nearly the same resident memory: the model and a shard."""
+    probe = ("import resource, sys; from llama2vec.cli import main\n"
+             "code = main(sys.argv[1:])\n"
+             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+             "sys.exit(code or 0)\n")
+    big = write_corpus(tmp_path / "200k.jsonl", 200_000, words=6)
+    small = tmp_path / "20k.jsonl"
+    with big.open() as src, small.open("w") as dst:
+        dst.writelines(line for _, line in zip(range(20_000), src))
+    peaks = {}
+    for name in ("20k", "200k"):
+        done = subprocess.run([sys.executable, "-c", probe, "encode", "--model", str(tiny_model_dir), "--input",
+                               str(tmp_path / f"{name}.jsonl"), "--output", str(tmp_path / f"emb-{name}"),
+                               "--batch-size", "128", "--shard-size", "2048", "--device", "cpu"],
+                              capture_output=True, text=True, timeout=600, env=ENV)
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[name] = int(done.stdout.split("PEAK")[-1])
+    assert Embeddings(tmp_path / "emb-200k").count == 200_000
+    assert peaks["200k"] <= 1.2 * peaks["20k"], peaks
+
+
+def clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    """Unit vectors in 64 clusters of a 24-dimensional subspace, with a little noise outside it (like
+    embeddings, whose variance sits in few directions)."""
+    basis = np.random.default_rng(99).standard_normal((24, dim))
+    centres = np.random.default_rng(98).standard_normal((64, 24))
+    rng = np.random.default_rng(seed)
+    x = (centres[rng.integers(0, 64, n)] + 0.6 * rng.standard_normal((n, 24))) @ basis
+    x += 0.3 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def recall_at_10(folder: Path, queries: np.ndarray, exact: np.ndarray, params: str) -> float:
+    from llama2vec.index import search_shards
+
+    run = search_shards([folder], [f"q{i}" for i in range(len(queries))], queries, 10, params)
+    return float(np.mean([len({int(d[1:]) for d in run[f"q{i}"]} & set(exact[i])) / 10
+                          for i in range(len(queries))]))
+
+
+def test_out_of_core_ivf_pq_equals_the_in_memory_index(tmp_path):
+    from llama2vec.embeddings import FORMAT
+    from llama2vec.index import build_index, index_folder, save_index, search_index
+    from llama2vec.store import write_json
+
+    data, queries = clustered(20_000, 64, 0), clustered(200, 64, 1)
+    folder = tmp_path / "emb"
+    shards = folder / "shards"
+    shards.mkdir(parents=True)
+    names = []
+    for s, start in enumerate(range(0, len(data), 3000)):  # uneven shards
+        np.save(shards / f"shard-{s:05d}.npy", data[start: start + 3000])
+        names.append(f"shard-{s:05d}")
+    ids = [f"p{i}" for i in range(len(data))]
+    (folder / "ids.txt").write_text("\n".join(ids) + "\n")
+    write_json(folder / "meta.json", {"format": FORMAT, "count": len(data), "dim": 64, "dtype": "float32",
+                                      "shards": names})
+    exact = search_index(build_index(data, "Flat"), queries, 10)[1]
+    whole = save_index(tmp_path / "whole", build_index(data, "IVF64,PQ16"), ids, "IVF64,PQ16")
+    out = index_folder(folder, tmp_path / "ooc", "IVF64,PQ16", train_size=12_000, seed=0, batch=1000)
+    a, b = (recall_at_10(f, queries, exact, "nprobe=8") for f in (whole, out))
+    assert a > 0.5 and abs(a - b) <= 0.01, (a, b)
+    # Parts searched one at a time give what one index over everything gives (exact search: the same).
+    flat = index_folder(folder, tmp_path / "flat", "Flat")
+    parts = index_folder(folder, tmp_path / "parts", "Flat", parts=3)
+    assert sorted(p.name for p in parts.iterdir()) == ["meta.json", "part-000", "part-001", "part-002"]
+    assert recall_at_10(flat, queries, exact, None) == recall_at_10(parts, queries, exact, None) == 1.0
+    # PCA to 32 dimensions: a smaller index, still a useful one.
+    pca = index_folder(folder, tmp_path / "pca", "Flat", pca=32)
+    assert 0.7 < recall_at_10(pca, queries, exact, None) < 1.0
+    with pytest.raises(Llama2VecError, match="--parts must be in 1..7"):
+        index_folder(folder, tmp_path / "x", "Flat", parts=8)
+
+
+def test_ray_engine_equals_the_plain_path(single, tiny_model_dir, corpus, tmp_path):
+    pytest.importorskip("ray")
+    from llama2vec.embeddings import FileSource
+    from llama2vec.ray_engine import encode_with_ray
+
+    out = tmp_path / "ray"
+    encode_with_ray(str(tiny_model_dir), FileSource(corpus), out, "corpus", shard_size=20, actors=2, num_cpus=2)
+    assert_same(single, out)
+    assert json.loads((out / "meta.json").read_text()) == json.loads((single / "meta.json").read_text())
