@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .card import record_training, write_card
 from .collate import PretextCollator, excluded_target_ids
 from .config import DataConfig, ModelConfig, PretextConfig, PromptConfig, TrainConfig, save_resolved, to_dict
 from .data import PairDataset, build_pair_cache, check_pair_cache, pair_cache_fingerprint, wait_for_pair_cache
@@ -83,5 +84,8 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
     result = run_training(accelerator, module, dataset, collator, train_cfg, out, "adapt", flat, lengths=lengths)
 
     finish(accelerator, result, tokenizer, spec, out, train_cfg.gradient_checkpointing)
+    if is_main_rank():
+        record_training(out, result)
+        write_card(out)
     result.update(pairs=len(dataset), data=dataset.meta, truncation=cut)
     return result

@@ -23,7 +23,7 @@ from .formats import passage_text
 from .losses import last_states, unwrap_lm
 from .models import add_placeholder_tokens, load_causal_lm, resolve_model_path
 from .onnx_int8 import OnnxDecoder, cached_export
-from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
+from .prompts import CONFIG_NAME, LLARA_K, PromptIds, PromptSpec, prompt_ids, resolve_prompt
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,36 @@ def compiled_last_states(device: torch.device):
     return states
 
 
-def model_spec(name: str, prompt: PromptConfig | None = None, max_length: int = 128) -> tuple[str, PromptSpec]:
+DEFAULT_MAX_LENGTH = 128
+LLARA_MAX_LENGTH = 512  # the released LLaRA checkpoints' cards keep texts up to 512 tokens
+
+
+def is_llara_checkpoint(path: str) -> bool:
+    """A released LLaRA checkpoint (BAAI/LLARA-pretrain, -passage, -document, -beir, or one trained with
+    their code): no llama2vec_config.json, and its tokenizer already holds the 16 placeholders."""
+    from .models import load_tokenizer
+
+    if (Path(path) / CONFIG_NAME).is_file():
+        return False
+    vocab = load_tokenizer(path).get_vocab()
+    return all(f"<s{i}>" in vocab for i in range(1, 2 * LLARA_K + 1))
+
+
+def model_spec(name: str, prompt: PromptConfig | None = None,
+               max_length: int | None = None) -> tuple[str, PromptSpec]:
     """(the model's folder or hub id, how it encodes) without loading its weights: a llama2vec folder's
-    llama2vec_config.json, else the prompt of `prompt` (default: llara)."""
+    llama2vec_config.json; for a released LLaRA checkpoint, its card's prompt and lengths; else the
+    prompt of `prompt` (default: llara) with texts cut to `max_length` tokens (default 128)."""
     path = resolve_model_path(name)
     if (Path(path) / CONFIG_NAME).is_file() and prompt is None:
         return path, PromptSpec.load(path)
-    return path, resolve_prompt(prompt or PromptConfig(), max_length)
+    if prompt is None and is_llara_checkpoint(path):
+        spec = resolve_prompt(PromptConfig(), max_length or LLARA_MAX_LENGTH)
+        spec.query_max_length = spec.max_length
+        log.info("%s: a LLaRA checkpoint (<s1>..<s16> in its tokenizer, no %s): the llara prompt, queries and "
+                 "passages cut to %d tokens, its own placeholder ids", name, CONFIG_NAME, spec.max_length)
+        return path, spec
+    return path, resolve_prompt(prompt or PromptConfig(), max_length or DEFAULT_MAX_LENGTH)
 
 
 class Llama2Vec:
@@ -96,10 +119,12 @@ class Llama2Vec:
 
     @classmethod
     def from_pretrained(cls, name: str, device: str = "auto", dtype: str = "auto", prompt: PromptConfig | None = None,
-                        max_length: int = 128, attn_implementation: str = "sdpa", backend: str = "torch",
+                        max_length: int | None = None, attn_implementation: str = "sdpa", backend: str = "torch",
                         **kwargs) -> Llama2Vec:
-        """Open a llama2vec model folder (its llama2vec_config.json says how to encode), or any
-        causal LM (hub id, folder, 'smollm2') with the prompt of `prompt` (default: llara).
+        """Open a llama2vec model folder (its llama2vec_config.json says how to encode), a released
+        LLaRA checkpoint (BAAI/LLARA-passage and its siblings: the card's prompt, 512 tokens), or any
+        causal LM (hub id, folder, 'smollm2') with the prompt of `prompt` (default: llara, texts cut to
+        `max_length` tokens, default 128).
 
         backend: 'torch'; 'torch-bfloat16' (torch in bfloat16 on any device: on a CPU with
         bfloat16 instructions, such as AVX-512 BF16, far faster than float32); 'torch-compile' (torch

@@ -130,6 +130,13 @@ def evaluate(output: str | None = None, run: str | None = None, qrels: str | Non
     metrics = evaluate_run(gold, result_run, qrels or f"{dataset}/qrels/{split}.tsv")
     if output:
         write_json(output, metrics)
+    if model is not None and not fuse:
+        from .card import evaluation_folder, record_evaluation
+
+        folder = evaluation_folder(model)
+        if folder is not None:  # a llama2vec model folder: its card shows the figures
+            label = str(dataset) + (f" ({backend})" if backend != "torch" else "")
+            record_evaluation(folder, label, split, metrics)
     return metrics
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .card import record_training, write_card
 from .collate import left_pad
 from .config import (
     ContrastiveConfig,
@@ -214,5 +215,8 @@ def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: Contrast
     result = run_training(accelerator, module, dataset, collator, train_cfg, out, "finetune", flat)
 
     finish(accelerator, result, tokenizer, spec, out, train_cfg.gradient_checkpointing)
+    if is_main_rank():
+        record_training(out, result)
+        write_card(out)
     result.update(examples=len(examples), truncation=cut)
     return result
