@@ -188,9 +188,10 @@ def test_beir_corpus_streams_and_needs_ids(tiny_model_dir, tmp_path):
 
 def test_peak_memory_does_not_grow_with_the_corpus(tiny_model_dir, tmp_path):
     """Encoding 20k and 200k passages peaks at nearly the same resident memory: the model and a shard."""
-    probe = ("import resource, sys; from llama2vec.cli import main\n"
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's resident set from the fork).
+    probe = ("import sys; from llama2vec.cli import main\n"
              "code = main(sys.argv[1:])\n"
-             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+             "print('PEAK', [int(x.split()[1]) for x in open('/proc/self/status') if x.startswith('VmHWM')][0])\n"
              "sys.exit(code or 0)\n")
     big = write_corpus(tmp_path / "200k.jsonl", 200_000, words=6)
     small = tmp_path / "20k.jsonl"
