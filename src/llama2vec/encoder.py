@@ -187,6 +187,64 @@ class Llama2Vec:
         texts = [passage_text(c) if isinstance(c, dict) else c for c in corpus]
         return self.encode_ids(self.tokenize(texts, self.spec.max_length), "self", batch_size)
 
+    def encode(self, inputs, *, task_metadata: object = None, hf_split: str = "", hf_subset: str = "",
+               prompt_type: str | None = None, **kwargs) -> np.ndarray:
+        """MTEB's encoder protocol (mteb 2.x): `inputs` is a DataLoader of batches (dicts of lists).
+        Queries (`prompt_type` "query") are encoded as `encode_queries` does, from "text"; documents
+        and the texts of other tasks as `encode_corpus` does, from "title" and "body" when the batch
+        holds them (MTEB's "text" joins the title with a space), else from "text". The keyword
+        `batch_size` (MTEB's `encode_kwargs`) sets the encoding batch."""
+        query = prompt_type == "query"  # MTEB's PromptType is a str enum
+        texts: list = []
+        for batch in inputs:
+            if "text" not in batch:
+                raise Llama2VecError(f"Llama2Vec encodes text only; MTEB gave a batch of {', '.join(batch)}")
+            if not query and "body" in batch:
+                titles = batch.get("title") or [""] * len(batch["body"])
+                texts += [{"title": t, "text": b} for t, b in zip(titles, batch["body"])]
+            else:
+                texts += list(batch["text"])
+        if query:
+            return self.encode_queries(texts, kwargs.get("batch_size"))
+        return self.encode_corpus(texts, kwargs.get("batch_size"))
+
+    def similarity(self, embeddings1, embeddings2):
+        """MTEB's score matrix: the inner product, the cosine of these L2-normalised embeddings."""
+        from mteb.similarity_functions import dot_score
+
+        return dot_score(embeddings1, embeddings2)
+
+    def similarity_pairwise(self, embeddings1, embeddings2):
+        """MTEB's scores of row i with row i: the inner product."""
+        from mteb.similarity_functions import pairwise_dot_score
+
+        return pairwise_dot_score(embeddings1, embeddings2)
+
+    @property
+    def mteb_model_meta(self):
+        """MTEB's `ModelMeta` (needs mteb): the hub id, or 'llama2vec/<folder name>' for a local folder,
+        and a revision that names the weights, prompt and backend (MTEB keys its result cache by the
+        two, so another model folder of the same name is not taken for this one)."""
+        if getattr(self, "_mteb_meta", None) is None:
+            try:
+                from mteb.models.model_meta import ModelMeta
+            except ImportError as e:
+                raise Llama2VecError("MTEB's model metadata needs mteb: pip install 'llama2vec[mteb]'") from e
+            from .store import fingerprint, fingerprint_key, model_identity
+
+            source = self.source or "unknown"
+            local = Path(source).expanduser().is_dir()
+            name = source if "/" in source and not local else f"llama2vec/{Path(source).expanduser().resolve().name}"
+            revision = fingerprint_key(fingerprint(model=model_identity(source), prompt=vars(self.spec),
+                                                   backend=self.backend))
+            self._mteb_meta = ModelMeta(
+                loader=None, name=name, revision=revision, release_date=None, languages=None,
+                n_parameters=sum(p.numel() for p in self.model.parameters()), memory_usage_mb=None,
+                max_tokens=self.spec.max_length, embed_dim=self.dim, license=None, open_weights=None,
+                public_training_code=None, public_training_data=None, framework=["PyTorch", "Transformers"],
+                similarity_fn_name="cosine", use_instructions=True, training_datasets=None)
+        return self._mteb_meta
+
 
 # --------------------------------------------------------------------------------------------
 # Truncation
