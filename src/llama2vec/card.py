@@ -170,11 +170,12 @@ def _usage(name: str, spec: PromptSpec) -> list[str]:
         "print(query @ passage)", "```"]
 
 
-def write_card(folder: str | Path, name: str | None = None) -> Path:
-    """Write (again) the model card of a llama2vec model folder."""
+def write_card(folder: str | Path, name: str | None = None, exported_from: str | None = None) -> Path:
+    """Write (again) the model card of a llama2vec model folder (`exported_from`: the model a
+    sentence-transformers export was made from)."""
     folder = Path(folder)
     spec = PromptSpec.load(folder)
-    base = base_model(folder)
+    base = base_model(folder) if exported_from is None or _run_config(folder) else exported_from
     root = root_model(base)
     lic = licence(base) or licence(root)
     front = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
@@ -185,7 +186,9 @@ def write_card(folder: str | Path, name: str | None = None) -> Path:
         front["license"] = lic
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {name or folder.name}", "",
              f"A dense retriever made with llama2vec (Llama2Vec: EBAE/EBAR adaptation, InfoNCE fine-tuning) from "
-             f"`{base or 'a causal LM'}`" + (f", itself from `{root}`" if root and root != base else "") + ".", "",
+             f"`{base or 'a causal LM'}`" + (f", itself from `{root}`" if root and root != base else "") + "."
+             + (f" A sentence-transformers export of `{exported_from}`: "
+                f"`SentenceTransformer(FOLDER, trust_remote_code=True)`." if exported_from else ""), "",
              "## Encoding", "",
              f"- Prompt preset `{spec.preset}`: `{spec.prefix}` + text + `{spec.self_suffix}` + {spec.k} "
              f"placeholder(s) {' '.join(spec.self_tokens)} for passages; queries take the "

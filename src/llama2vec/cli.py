@@ -182,6 +182,13 @@ def _plot(args: argparse.Namespace) -> None:
     print(plot_training_log(args.run, args.output, title=args.title))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .st_export import export_sentence_transformers
+
+    out = export_sentence_transformers(args.model, args.output, device=args.device)
+    print(f"wrote the {args.format} folder {out}: SentenceTransformer({str(out)!r}, trust_remote_code=True) opens it")
+
+
 def _add_backend(p: argparse.ArgumentParser) -> None:
     from .config import BACKENDS
 
@@ -325,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="PNG file to write.")
     p.add_argument("--title", default=None, help="Chart title.")
     p.set_defaults(func=_plot)
+
+    p = sub.add_parser("export", help="Export a model for another library (sentence-transformers).")
+    p.add_argument("--model", required=True, help="llama2vec model folder, causal LM, or 'smollm2'.")
+    p.add_argument("--format", choices=["sentence-transformers"], default="sentence-transformers",
+                   help="sentence-transformers: a folder that SentenceTransformer(..., trust_remote_code=True) "
+                        "opens without llama2vec; encode_query / encode_document give llama2vec's embeddings.")
+    p.add_argument("--output", required=True, help="Folder to write (an earlier export there is replaced).")
+    p.add_argument("--device", default="cpu", help="Device the model is loaded on to be saved (float32).")
+    p.set_defaults(func=_export)
     return parser
 
 
