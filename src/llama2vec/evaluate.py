@@ -2,7 +2,8 @@
 
 Systems: `bm25`; a sentence-transformers / Hugging Face encoder folder (such as the bundled
 all-MiniLM-L6-v2, or `minilm` for it); any llama2vec model folder or causal LM (hub id, folder,
-`smollm2`). `--fuse bm25` fuses the system's ranking with BM25's by reciprocal rank fusion.
+`smollm2`). `--fuse bm25` fuses the system's ranking with BM25's: by equal-weight reciprocal rank
+fusion, by an explicit `--fusion` (see `llama2vec.fusion`), or by the fusion chosen on a dev split.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import Llama2VecError
-from .formats import BeirDataset, Run, passage_text, read_beir, read_qrels, read_run, write_run
+from .formats import BeirDataset, Qrels, Run, passage_text, read_beir, read_qrels, read_run, write_run
+from .fusion import AUTO, DEFAULT, choose_fusion, format_choice, parse_fusion
+from .fusion import fuse as fuse_spec
 from .metrics import evaluate_run
 from .store import write_json
 
@@ -107,12 +110,44 @@ def fuse_rrf(runs: list[Run], k: int = 60, depth: int = 1000) -> Run:
     return {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:depth]) for q, docs in out.items()}
 
 
+def fuse_runs(runs: list[Run], fusion: str = DEFAULT, depth: int = 1000, dev_runs: list[Run] | None = None,
+              dev_qrels: Qrels | None = None, names: list[str] | None = None) -> Run:
+    """`runs` fused by `fusion`: 'rrf' (`fuse_rrf`), an explicit spec such as 'rrf:60:0.7,0.3' or
+    'wsum:minmax:0.7,0.3' (`llama2vec.fusion.parse_fusion`), or 'auto': the fusion `choose_fusion`
+    picks on `dev_runs` (the same systems, in the same order) and `dev_qrels`, printed with its dev
+    figures, then applied unchanged to `runs`."""
+    if fusion == DEFAULT:
+        return fuse_rrf(runs, depth=depth)
+    if fusion != AUTO:
+        return fuse_spec(runs, parse_fusion(fusion, len(runs)), depth)
+    if dev_runs is None or dev_qrels is None or len(dev_runs) != len(runs):
+        raise Llama2VecError(f"--fusion auto needs dev runs of the same {len(runs)} systems and dev qrels")
+    spec, table = choose_fusion(dev_runs, dev_qrels, depth=depth)
+    print(format_choice(table, names or [f"run {i + 1}" for i in range(len(runs))]))
+    return fuse_spec(runs, spec, depth)
+
+
+def _check_fusion(fuse: str | None, fusion: str, split: str, dev_split: str | None) -> None:
+    if fusion != DEFAULT and not fuse:
+        raise Llama2VecError(f"--fusion {fusion!r} needs --fuse (the system to fuse with)")
+    if fusion == AUTO and not dev_split:
+        raise Llama2VecError("--fusion auto needs --dev-split (the split the fusion is chosen on)")
+    if dev_split and fusion != AUTO:
+        raise Llama2VecError("--dev-split goes with --fusion auto")
+    if dev_split and dev_split == split:
+        raise Llama2VecError(f"--dev-split {dev_split!r} is the evaluated --split: choose the fusion on another")
+    if fusion not in (DEFAULT, AUTO):
+        parse_fusion(fusion, 2)
+
+
 def evaluate(output: str | None = None, run: str | None = None, qrels: str | None = None, model: str | None = None,
              dataset: str | None = None, split: str = "test", k: int = 1000, fuse: str | None = None,
              save_run: str | None = None, device: str = "auto", batch_size: int = 16,
-             backend: str = "torch") -> dict[str, float]:
+             backend: str = "torch", fusion: str = DEFAULT, dev_split: str | None = None) -> dict[str, float]:
     """Metrics of a run file against qrels, or of `model` on `dataset`/`split`. Writes them as
-    JSON to `output` when given; `save_run` keeps the system's TREC run."""
+    JSON to `output` when given; `save_run` keeps the system's TREC run. `fusion` says how `fuse`
+    is fused with `model` (see `fuse_runs`); 'auto' chooses it on `dev_split` of `dataset`."""
+    _check_fusion(fuse, fusion, split, dev_split)
     if run is not None:
         if qrels is None:
             raise Llama2VecError("--run needs --qrels")
@@ -122,9 +157,17 @@ def evaluate(output: str | None = None, run: str | None = None, qrels: str | Non
             raise Llama2VecError("give --run and --qrels, or --model and --dataset")
         data = read_beir(dataset, split)
         gold = data.qrels
+        dev = read_beir(dataset, dev_split) if fuse and dev_split else None
+        if dev is not None:  # one retrieval of each system over the dev and test queries together
+            data = BeirDataset(data.corpus, {**dev.queries, **data.queries}, gold)
         result_run = retrieve(model, data, k, device, batch_size, backend)
         if fuse:
-            result_run = fuse_rrf([result_run, retrieve(fuse, data, k, device, batch_size)], depth=k)
+            other = retrieve(fuse, data, k, device, batch_size)
+            runs, dev_runs = [result_run, other], None
+            if dev is not None:
+                runs = [{q: r[q] for q in gold if q in r} for r in (result_run, other)]
+                dev_runs = [{q: r[q] for q in dev.qrels if q in r} for r in (result_run, other)]
+            result_run = fuse_runs(runs, fusion, k, dev_runs, dev.qrels if dev else None, [model, fuse])
     if save_run:
         write_run(save_run, result_run)
     metrics = evaluate_run(gold, result_run, qrels or f"{dataset}/qrels/{split}.tsv")

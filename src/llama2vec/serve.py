@@ -1,0 +1,625 @@
+"""`llama2vec serve`: an OpenAI-compatible embeddings server (and search over a FAISS index folder).
+
+- `POST /v1/embeddings`: OpenAI's request and response (`input` as a string, strings, token ids or
+  lists of token ids; `encoding_format` float or base64; `dimensions`), plus `input_type`: `query`
+  or `document` (default), which chooses the prompt.
+- `POST /v1/search`: `{"query": str | [str], "k": int}` over the index, with the passages' titles
+  and texts from the BEIR dataset.
+- `GET /health` (no key), `GET /v1/models`, `GET /metrics` (Prometheus).
+
+Requests are tokenised in threads and queued; one worker thread takes what has queued (up to
+`max_batch_tokens` padded tokens, waiting at most `max_wait_ms` after the oldest request), encodes it
+in forwards sorted by length, and hands each request its rows. Texts are left-padded with positions
+that count real tokens only, so a text's embedding does not depend on its batch. The queue is bounded
+(`max_queue` texts waiting or being encoded: beyond that, 503). Errors take OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`. On SIGTERM the server stops accepting
+connections, finishes the requests in flight, then exits with status 0.
+"""
+
+import asyncio
+import base64
+import collections
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import Llama2VecError
+
+log = logging.getLogger(__name__)
+
+MAX_INPUTS = 2048  # inputs of one request, as OpenAI's API
+MAX_K = 1000  # results per search query
+ROUTES = ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/metrics")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class ApiError(Exception):
+    """A request the server refuses, answered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_json(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+
+class Overloaded(ApiError):
+    def __init__(self, message: str):
+        super().__init__(503, message, code="server_overloaded", kind="server_error")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+class Metrics:
+    """Prometheus metrics in a registry of the app's own."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("llama2vec_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("llama2vec_request_seconds", "Request latency by route", ["route"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                                 registry=self.registry)
+        self.texts = Counter("llama2vec_texts", "Texts encoded by input type", ["input_type"], registry=self.registry)
+        self.batch_texts = Histogram("llama2vec_batch_texts", "Texts per forward", registry=self.registry,
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048))
+        self.batch_tokens = Histogram("llama2vec_batch_tokens", "Padded tokens per forward", registry=self.registry,
+                                      buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536))
+        self.queue = Gauge("llama2vec_queue_texts", "Texts waiting for the encoder", registry=self.registry)
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamic batching
+
+
+@dataclass
+class Job:
+    rows: list[list[int]]  # token ids of the texts, prompt not yet added
+    task: str  # 'self' or 'next'
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    tokens: int  # tokens with the prompt
+    arrival: float = field(default_factory=time.monotonic)
+
+
+def forwards(lengths: list[int], budget: int) -> list[list[int]]:
+    """Positions of texts grouped into forwards, longest first, each within `budget` padded tokens
+    (a text longer than the budget goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class Batcher:
+    """Queues tokenised requests and encodes them in one worker thread, several requests a batch
+    (`batching`) or one request at a time."""
+
+    def __init__(self, encoder, max_batch_tokens: int = 8192, max_wait_ms: float = 10.0, max_queue: int = 8192,
+                 batching: bool = True, metrics: Metrics | None = None):
+        self.encoder, self.batching, self.metrics = encoder, batching, metrics
+        self.max_batch_tokens, self.max_wait, self.max_queue = max_batch_tokens, max_wait_ms / 1000, max_queue
+        self.overhead = {task: len(encoder.ids.wrap([], task)) for task in ("self", "next")}
+        self.jobs: collections.deque[Job] = collections.deque()
+        self.cond = threading.Condition()
+        self.queued_tokens = 0
+        self.pending = 0  # texts queued or being encoded
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="llama2vec-batcher", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Encode what is queued, then end the worker."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+
+    async def encode(self, rows: list[list[int]], task: str) -> np.ndarray:
+        """(len(rows), H) embeddings; raises `Overloaded` when the queue is full."""
+        loop = asyncio.get_running_loop()
+        job = Job(rows, task, loop.create_future(), loop, sum(len(r) for r in rows) + self.overhead[task] * len(rows))
+        with self.cond:
+            if self.stopping:
+                raise Overloaded("the server is shutting down")
+            if self.pending + len(rows) > self.max_queue:
+                raise Overloaded(f"the server is busy ({self.pending} texts queued); retry later")
+            self.pending += len(rows)
+            self.queued_tokens += job.tokens
+            self.jobs.append(job)
+            self._gauge()
+            self.cond.notify()
+        return await job.future
+
+    def _gauge(self) -> None:
+        if self.metrics:
+            self.metrics.queue.set(sum(len(j.rows) for j in self.jobs))
+
+    def _take(self) -> list[Job]:
+        """The jobs of the next batch (called holding the lock, with a job queued)."""
+        if self.batching:
+            deadline = self.jobs[0].arrival + self.max_wait
+            while self.queued_tokens < self.max_batch_tokens and not self.stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+        taken, tokens = [], 0
+        while self.jobs and (not taken or (self.batching and tokens + self.jobs[0].tokens <= self.max_batch_tokens)):
+            job = self.jobs.popleft()
+            tokens += job.tokens
+            self.queued_tokens -= job.tokens
+            taken.append(job)
+        self._gauge()
+        return taken
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.jobs and not self.stopping:
+                    self.cond.wait()
+                if not self.jobs:
+                    return
+                jobs = self._take()
+            try:
+                results = self._encode([j for j in jobs if not j.future.cancelled()])
+            except Exception as e:  # the requests fail with a 500; the worker goes on
+                log.exception("encoding failed")
+                results = {id(j): e for j in jobs}
+            with self.cond:
+                self.pending -= sum(len(j.rows) for j in jobs)
+            for job in jobs:
+                job.loop.call_soon_threadsafe(_settle, job.future, results.get(id(job)))
+
+    def _encode(self, jobs: list[Job]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for task in ("self", "next"):
+            mine = [j for j in jobs if j.task == task]
+            rows = [r for j in mine for r in j.rows]
+            if not rows:
+                continue
+            emb = np.zeros((len(rows), self.encoder.dim), dtype=np.float32)
+            for group in forwards([len(r) + self.overhead[task] for r in rows], self.max_batch_tokens):
+                emb[group] = self.encoder.encode_ids([rows[i] for i in group], task, batch_size=len(group))
+                if self.metrics:
+                    self.metrics.batch_texts.observe(len(group))
+                    self.metrics.batch_tokens.observe((len(rows[group[0]]) + self.overhead[task]) * len(group))
+            start = 0
+            for job in mine:
+                out[id(job)] = emb[start: start + len(job.rows)]
+                start += len(job.rows)
+        return out
+
+
+def _settle(future: asyncio.Future, result: np.ndarray | BaseException | None) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    elif result is None:
+        future.cancel()
+    else:
+        future.set_result(result)
+
+
+# --------------------------------------------------------------------------------------------
+# The HTTP layer
+
+
+class Guard:
+    """ASGI middleware: refuses bodies over `max_bytes` (413) before the app reads them, and counts
+    requests and their latency by route and status."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            body = await self._read(scope, receive)
+            if body is None:
+                await error_json(413, f"the request body is over the limit of {self.max_bytes:,} bytes",
+                                 code="request_too_large")(scope, receive, send_status)
+                return
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send_status)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    async def _read(self, scope, receive) -> bytes | None:
+        """The body, or None when it is over the limit."""
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return None
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------------------------
+# Search
+
+
+class Searcher:
+    """The parts of an index folder, loaded once, and the passages of a BEIR dataset (optional)."""
+
+    def __init__(self, index: str | Path, dataset: str | Path | None, dim: int):
+        from .formats import beir_corpus
+        from .index import index_parts, load_index
+
+        self.parts = [load_index(p) for p in index_parts(index)]
+        for part, _ in self.parts:
+            if part.d != dim:
+                raise Llama2VecError(f"{index}: an index of {part.d}-dimension vectors; the model gives {dim}")
+        self.ids = [i for _, ids in self.parts for i in ids]
+        self.corpus = beir_corpus(dataset) if dataset else {}
+        missing = sum(i not in self.corpus for i in self.ids) if dataset else 0
+        if missing:
+            log.warning("%d of %d indexed ids are not in %s: they come without title and text", missing,
+                        len(self.ids), dataset)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[dict]]:
+        """Each query's hits, best first, as `llama2vec search` ranks them over the same parts."""
+        from .index import merge_topk, search_index
+
+        results, offset = [], 0
+        for index, ids in self.parts:
+            s, i = search_index(index, queries, k)
+            results.append((s, np.where(i >= 0, i + offset, -1)))
+            offset += len(ids)
+        scores, found = merge_topk(results, k)
+        hits = []
+        for row_scores, row_ids in zip(scores, found):
+            hits.append([{"id": self.ids[d], "score": float(s), **self._passage(self.ids[d])}
+                         for d, s in zip(row_ids, row_scores) if d >= 0])
+        return hits
+
+    def _passage(self, doc_id: str) -> dict:
+        doc = self.corpus.get(doc_id)
+        return {"title": doc.get("title") or "", "text": doc["text"]} if doc else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Request parsing
+
+
+def _texts_or_ids(value: Any) -> list[str | list[int]]:
+    """OpenAI's `input`: a string, strings, token ids (one input) or lists of token ids."""
+    shape = "input must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(value, str):
+        items: list = [value]
+    elif isinstance(value, list) and value and all(_is_id(v) for v in value):
+        items = [value]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ApiError(400, shape, "input")
+    if not items:
+        raise ApiError(400, "input is empty", "input")
+    if len(items) > MAX_INPUTS:
+        raise ApiError(400, f"input holds {len(items)} inputs; at most {MAX_INPUTS} a request", "input")
+    for i, item in enumerate(items):
+        if not (isinstance(item, str) or (isinstance(item, list) and all(_is_id(v) for v in item))):
+            raise ApiError(400, f"{shape}; input {i} is neither", "input")
+        if not item:
+            raise ApiError(400, f"input {i} is empty", "input")
+    return items
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _choice(body: dict, name: str, options: tuple[str, ...], default: str) -> str:
+    value = body.get(name)
+    if value is None:
+        return default
+    if value not in options:
+        raise ApiError(400, f"{name} must be one of {', '.join(options)}, got {value!r}", name)
+    return value
+
+
+def _int(body: dict, name: str, low: int, high: int, default: int | None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not _is_id(value) or not low <= value <= high:
+        raise ApiError(400, f"{name} must be an integer from {low} to {high}, got {value!r}", name)
+    return value
+
+
+def _vectors(emb: np.ndarray, dimensions: int | None, fmt: str) -> list:
+    if dimensions is not None and dimensions < emb.shape[1]:
+        emb = emb[:, :dimensions]
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = np.ascontiguousarray(emb, dtype="<f4")
+    if fmt == "base64":
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in emb]
+    return emb.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# The app
+
+
+@dataclass
+class Settings:
+    name: str  # the model as clients name it (the --model value)
+    aliases: tuple[str, ...] = ()  # other names accepted (the folder name)
+    api_key: str | None = None
+    auto_truncate: bool = False
+    max_batch_tokens: int = 8192
+    max_wait_ms: float = 10.0
+    max_queue: int = 8192
+    max_request_bytes: int = 16 * 1024 * 1024
+    batching: bool = True
+
+
+def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
+    """The FastAPI app around a loaded `Llama2Vec` (its batcher starts and stops with the app)."""
+    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    if settings.max_queue < MAX_INPUTS:
+        raise Llama2VecError(f"--max-queue must be at least {MAX_INPUTS} (the inputs of one request)")
+    if settings.max_batch_tokens < 1 or settings.max_wait_ms < 0 or settings.max_request_bytes < 1:
+        raise Llama2VecError("--max-batch-tokens and --max-request-mb must be positive, --max-wait-ms at least 0")
+    metrics = Metrics()
+    batcher = Batcher(encoder, settings.max_batch_tokens, settings.max_wait_ms, settings.max_queue,
+                      settings.batching, metrics)
+    names = {settings.name, *settings.aliases}
+    spec, vocab = encoder.spec, len(encoder.tokenizer)
+    tokenizer_lock = threading.Lock()
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await run_in_threadpool(batcher.stop)
+
+    app = FastAPI(title="llama2vec", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, max_bytes=settings.max_request_bytes, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_json(e.status, e.message, e.kind, e.param, e.code)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return error_json(e.status_code, f"{request.method} {request.url.path}: {e.detail}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.error("%s %s failed: %r", request.method, request.url.path, e)
+        return error_json(500, "internal server error", "server_error")
+
+    async def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
+        if not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model not in names:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {settings.name!r}",
+                           "model", "model_not_found")
+        return body
+
+    def tokenize(items: list[str | list[int]], kind: str) -> list[list[int]]:
+        """Token ids of every input, checked against the vocabulary and the length limit."""
+        limit = (spec.query_max_length or spec.max_length) if kind == "query" else spec.max_length
+        texts = [t for t in items if isinstance(t, str)]
+        with tokenizer_lock:
+            encoded = iter(encoder.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        rows = []
+        for i, item in enumerate(items):
+            row = next(encoded) if isinstance(item, str) else item
+            if not isinstance(item, str) and not all(0 <= t < vocab for t in row):
+                raise ApiError(400, f"input {i} holds token ids outside the vocabulary (0 to {vocab - 1})", "input")
+            if not row:
+                raise ApiError(400, f"input {i} has no tokens", "input")
+            if len(row) > limit:
+                if not settings.auto_truncate:
+                    raise ApiError(400, f"input {i} is {len(row)} tokens long; this model takes {kind} texts of at "
+                                        f"most {limit} tokens (the server cuts longer ones with --auto-truncate)",
+                                   "input", "context_length_exceeded")
+                row = row[-limit:] if encoder.tokenizer.truncation_side == "left" else row[:limit]
+            rows.append(row)
+        return rows
+
+    async def embed(items: list[str | list[int]], kind: str) -> tuple[np.ndarray, int]:
+        rows = await run_in_threadpool(tokenize, items, kind)
+        task = spec.query_task if kind == "query" else "self"
+        emb = await batcher.encode(rows, task)
+        metrics.texts.labels(kind).inc(len(rows))
+        return emb, sum(len(r) for r in rows)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.name}
+
+    v1 = APIRouter(dependencies=[Depends(authorize)])
+
+    @v1.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await read_body(request)
+        items = _texts_or_ids(body.get("input"))
+        fmt = _choice(body, "encoding_format", ("float", "base64"), "float")
+        kind = _choice(body, "input_type", ("query", "document"), "document")
+        dimensions = _int(body, "dimensions", 1, encoder.dim, None)
+        emb, tokens = await embed(items, kind)
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(_vectors(emb, dimensions,
+                                                                                                     fmt))]
+        return JSONResponse({"object": "list", "data": data, "model": settings.name,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @v1.post("/v1/search")
+    async def search(request: Request):
+        if searcher is None:
+            raise ApiError(404, "this server has no index: start it with --index DIR (and --dataset DIR)",
+                           code="no_index")
+        body = await read_body(request)
+        queries = body.get("query")
+        queries = [queries] if isinstance(queries, str) else queries
+        if not isinstance(queries, list) or not queries or not all(isinstance(q, str) and q for q in queries):
+            raise ApiError(400, "query must be a non-empty string or a non-empty list of them", "query")
+        if len(queries) > MAX_INPUTS:
+            raise ApiError(400, f"query holds {len(queries)} queries; at most {MAX_INPUTS} a request", "query")
+        k = _int(body, "k", 1, MAX_K, 10)
+        emb, tokens = await embed(queries, "query")
+        hits = await run_in_threadpool(searcher.search, emb, k)
+        data = [{"object": "search_result", "index": i, "query": q, "results": h}
+                for i, (q, h) in enumerate(zip(queries, hits))]
+        return JSONResponse({"object": "list", "data": data, "model": settings.name,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @v1.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.name, "object": "model", "created": created,
+                                            "owned_by": "llama2vec"}]}
+
+    @v1.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(v1)
+    return app
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free port), or a clean error when the address is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise Llama2VecError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    return sock
+
+
+def run(app, sock: socket.socket, drain_seconds: float = 60.0) -> None:
+    """Serve on `sock` until SIGINT or SIGTERM; after SIGTERM the requests in flight finish (up to
+    `drain_seconds`) and this returns."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=drain_seconds, access_log=False)
+    server = uvicorn.Server(config)
+    if threading.current_thread() is not threading.main_thread():
+        server.run(sockets=[sock])
+        return
+    # uvicorn raises the signal again once drained: a no-op handler lets the process exit with 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, index: str | None = None,
+          dataset: str | None = None, backend: str = "torch", device: str = "auto", drain_seconds: float = 60.0,
+          **settings) -> None:
+    """Load the model (and the index and dataset) once, then serve until SIGTERM or SIGINT."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise Llama2VecError(f"llama2vec serve needs the serve extra ({e.name} is missing): "
+                             "pip install 'llama2vec[serve]'") from None
+    from .encoder import Llama2Vec
+
+    if dataset and not index:
+        raise Llama2VecError("--dataset gives the passages of --index: give --index too")
+    sock = listen(host, port)
+    encoder = Llama2Vec.from_pretrained(model, device=device, backend=backend)
+    searcher = Searcher(index, dataset, encoder.dim) if index else None
+    folder = Path(model.rstrip("/")).name
+    app = create_app(encoder, Settings(name=model, aliases=(folder,), **settings), searcher)
+    log.info("serving %s (%s, %d dimensions) on http://%s:%d%s", model, backend, encoder.dim, host,
+             sock.getsockname()[1], f" with the index {index}" if index else "")
+    run(app, sock, drain_seconds)

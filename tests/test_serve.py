@@ -1,0 +1,418 @@
+"""`llama2vec serve`: the OpenAI-compatible server on a tiny model, called with the official client on
+loopback ports."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from conftest import SENTENCES, make_model, make_tokenizer  # noqa: E402
+
+from llama2vec.cli import main  # noqa: E402
+from llama2vec.encoder import Llama2Vec  # noqa: E402
+from llama2vec.formats import read_run, write_jsonl_rows  # noqa: E402
+from llama2vec.serve import Searcher, Settings, create_app, listen  # noqa: E402
+
+KEY = "secret-key"
+TEXTS = SENTENCES + ["short", "A much longer text about retrieval: " + " ".join(SENTENCES[:3])]
+LONG = " ".join(SENTENCES * 3)  # over the tiny models' 128 tokens
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The `tiny_model_dir` model, made once for the module's servers."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tokenizer()
+    make_model(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    return Llama2Vec.from_pretrained(str(model_dir), device="cpu")
+
+
+@contextlib.contextmanager
+def running(app):
+    """Serve `app` in a thread on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def serve_app(model_dir, searcher=None, encoder=None, **settings):
+    encoder = encoder or Llama2Vec.from_pretrained(str(model_dir), device="cpu")
+    return create_app(encoder, Settings(name=str(model_dir), aliases=(model_dir.name,), **settings), searcher)
+
+
+def client(url: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory, model_dir):
+    """A small BEIR folder, its index and the run of `llama2vec search` over it."""
+    root = tmp_path_factory.mktemp("beir")
+    data = root / "data"
+    write_jsonl_rows(data / "corpus.jsonl", ({"_id": f"d{i}", "title": f"Title {i}" if i % 2 else "", "text": t}
+                                             for i, t in enumerate(TEXTS)))
+    queries = ["where is Paris?", "who won the match", "dense vectors for passages"]
+    write_jsonl_rows(data / "queries.jsonl", ({"_id": f"q{i}", "text": q} for i, q in enumerate(queries)))
+    for what in ("corpus", "queries"):
+        assert main(["encode", "--model", str(model_dir), "--dataset", str(data), "--what", what,
+                     "--device", "cpu", "--output", str(root / what)]) == 0
+    assert main(["index", "--embeddings", str(root / "corpus"), "--output", str(root / "index")]) == 0
+    assert main(["search", "--index", str(root / "index"), "--queries", str(root / "queries"), "--k", "5",
+                 "--output", str(root / "run.trec")]) == 0
+    return {"data": data, "index": root / "index", "queries": queries, "run": read_run(root / "run.trec")}
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, ref, beir):
+    """A server with a key, the index and the dataset, strict about lengths."""
+    with running(serve_app(model_dir, Searcher(beir["index"], beir["data"], ref.dim), api_key=KEY)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def lenient(model_dir):
+    """No key, --auto-truncate, a 64 KiB body limit, batches collected for up to 50 ms."""
+    with running(serve_app(model_dir, auto_truncate=True, max_request_bytes=65536, max_wait_ms=50)) as url:
+        yield url
+
+
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def vectors(response) -> np.ndarray:
+    return np.array([d.embedding for d in sorted(response.data, key=lambda d: d.index)])
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+
+
+def test_float_and_base64_embeddings_equal_llama2vec(server, ref, model_dir):
+    expected = ref.encode_corpus(TEXTS)
+    c = client(server)
+    floats = c.embeddings.create(input=TEXTS, model=str(model_dir), encoding_format="float")
+    assert [d.index for d in floats.data] == list(range(len(TEXTS)))
+    assert max_diff(vectors(floats), expected) <= 1e-5
+    decoded = c.embeddings.create(input=TEXTS, model=model_dir.name)  # the client asks for base64 and decodes it
+    assert max_diff(vectors(decoded), expected) <= 1e-5
+    raw = c.embeddings.create(input=TEXTS, model=model_dir.name, encoding_format="base64")
+    rows = [np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data]
+    assert max_diff(rows, expected) <= 1e-5
+    tokens = sum(len(r) for r in ref.tokenize(TEXTS, ref.spec.max_length))
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens == tokens
+
+
+def test_input_type_chooses_the_query_or_the_document_prompt(server, ref, model_dir):
+    c = client(server)
+    queries = ["where is Paris?", "who won the final"]
+    as_query = vectors(c.embeddings.create(input=queries, model=model_dir.name, extra_body={"input_type": "query"}))
+    as_document = vectors(c.embeddings.create(input=queries, model=model_dir.name,
+                                              extra_body={"input_type": "document"}))
+    default = vectors(c.embeddings.create(input=queries, model=model_dir.name))
+    assert max_diff(as_query, ref.encode_queries(queries)) <= 1e-5
+    assert max_diff(as_document, ref.encode_corpus(queries)) <= 1e-5
+    assert max_diff(default, as_document) <= 1e-5
+    assert max_diff(as_query, as_document) > 1e-3  # the two prompts do differ on this model
+
+
+def test_token_id_inputs_get_the_prompt_too(server, ref, model_dir):
+    c = client(server)
+    ids = ref.tokenize(TEXTS[:3])
+    one = vectors(c.embeddings.create(input=ids[0], model=model_dir.name))
+    several = c.embeddings.create(input=ids, model=model_dir.name, extra_body={"input_type": "query"})
+    assert max_diff(one, ref.encode_corpus(TEXTS[:1])) <= 1e-5
+    assert max_diff(vectors(several), ref.encode_queries(TEXTS[:3])) <= 1e-5
+    assert several.usage.prompt_tokens == sum(map(len, ids))
+
+
+def test_dimensions_keeps_the_first_ones_normalised_again(server, ref, model_dir):
+    out = vectors(client(server).embeddings.create(input=TEXTS[:4], model=model_dir.name, dimensions=8))
+    full = ref.encode_corpus(TEXTS[:4])[:, :8]
+    assert out.shape == (4, 8)
+    assert max_diff(out, full / np.linalg.norm(full, axis=1, keepdims=True)) <= 1e-5
+
+
+def test_long_texts_are_cut_as_encode_does_with_auto_truncate(lenient, ref, model_dir):
+    c = client(lenient)
+    assert max_diff(vectors(c.embeddings.create(input=[LONG, "short"], model=model_dir.name)),
+                    ref.encode_corpus([LONG, "short"])) <= 1e-5
+    queries = c.embeddings.create(input=[LONG], model=model_dir.name, extra_body={"input_type": "query"})
+    assert max_diff(vectors(queries), ref.encode_queries([LONG])) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def expect_error(call, status: int, param: str | None = None, code: str | None = None) -> dict:
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    error = info.value.response.json()["error"]
+    assert info.value.status_code == status, error
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "Traceback" not in error["message"]
+    assert error["param"] == param and (code is None or error["code"] == code), error
+    return error
+
+
+@pytest.mark.parametrize("kwargs,status,param,code", [
+    ({"input": ""}, 400, "input", None),
+    ({"input": []}, 400, "input", None),
+    ({"input": ["fine", ""]}, 400, "input", None),
+    ({"input": [[]]}, 400, "input", None),
+    ({"input": ["x"] * 2049}, 400, "input", None),
+    ({"input": LONG}, 400, "input", "context_length_exceeded"),
+    ({"input": [LONG], "extra_body": {"input_type": "query"}}, 400, "input", "context_length_exceeded"),
+    ({"input": [[1, 10**9]]}, 400, "input", None),
+    ({"input": "x", "model": "another-model"}, 404, "model", "model_not_found"),
+    ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format", None),
+    ({"input": "x", "dimensions": 0}, 400, "dimensions", None),
+    ({"input": "x", "dimensions": 10**6}, 400, "dimensions", None),
+    ({"input": "x", "extra_body": {"input_type": "passage"}}, 400, "input_type", None),
+    ({"input": "x", "extra_body": {"input": {"text": "x"}}}, 400, "input", None),
+])
+def test_bad_requests_get_openai_errors(server, model_dir, kwargs, status, param, code):
+    kwargs = {"model": model_dir.name, **kwargs}
+    error = expect_error(lambda: client(server).embeddings.create(**kwargs), status, param, code)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_malformed_bodies_and_unknown_routes(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for body, status in ((b"{not json", 400), (b"[1, 2]", 400), (b"\xff\xfe", 400)):
+        r = httpx.post(f"{server}/v1/embeddings", content=body, headers=headers)
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/embeddings", 405)):
+        r = httpx.request(method, f"{server}{path}", headers=headers)
+        assert r.status_code == status and r.json()["error"]["message"]
+
+
+def test_bodies_over_the_limit_get_413(lenient, model_dir):
+    big = ["word " * 2000] * 10  # about 100 kB of JSON
+    expect_error(lambda: client(lenient).embeddings.create(input=big, model=model_dir.name), 413)
+    r = httpx.post(f"{lenient}/v1/embeddings", content=b"x" * 70000, headers={"Content-Length": "70000"})
+    assert r.status_code == 413
+    assert client(lenient).embeddings.create(input="still serving", model=model_dir.name).data
+
+
+def test_api_key(server, model_dir):
+    models = client(server).models.list()
+    assert [m.id for m in models.data] == [str(model_dir)]
+    expect_error(lambda: client(server, "wrong").embeddings.create(input="x", model=model_dir.name), 401,
+                 code="invalid_api_key")
+    for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": f"Bearer {KEY}x"}):
+        for method, path in (("POST", "/v1/embeddings"), ("GET", "/v1/models"), ("GET", "/metrics")):
+            r = httpx.request(method, f"{server}{path}", headers=headers, json={"input": "x"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_a_full_queue_gets_503_and_the_queued_request_still_succeeds(model_dir, ref):
+    encoder = Llama2Vec.from_pretrained(str(model_dir), device="cpu")
+    entered, original = threading.Event(), encoder.encode_ids
+
+    def slow(*args, **kwargs):
+        entered.set()
+        time.sleep(1.0)
+        return original(*args, **kwargs)
+
+    encoder.encode_ids = slow
+    app = serve_app(model_dir, encoder=encoder, max_queue=2048, max_batch_tokens=10**6)  # one forward
+    with running(app) as url, ThreadPoolExecutor(1) as pool:
+        c = client(url)
+        first = pool.submit(c.embeddings.create, input=["a"] * 2048, model=model_dir.name)
+        assert entered.wait(30)
+        error = expect_error(lambda: c.embeddings.create(input="one more", model=model_dir.name), 503,
+                             code="server_overloaded")
+        assert error["type"] == "server_error"
+        assert max_diff(vectors(first.result(timeout=60))[:2], ref.encode_corpus(["a", "a"])) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- search
+
+
+def test_search_equals_llama2vec_search(server, beir, model_dir):
+    r = httpx.post(f"{server}/v1/search", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"query": beir["queries"], "k": 5, "model": model_dir.name})
+    assert r.status_code == 200, r.text
+    corpus = {f"d{i}": t for i, t in enumerate(TEXTS)}
+    for i, hit in enumerate(r.json()["data"]):
+        assert hit["index"] == i and hit["query"] == beir["queries"][i]
+        expected = sorted(beir["run"][f"q{i}"].items(), key=lambda kv: -kv[1])
+        assert [h["id"] for h in hit["results"]] == [d for d, _ in expected]
+        assert max_diff([h["score"] for h in hit["results"]], [s for _, s in expected]) <= 1e-5
+        for h in hit["results"]:
+            n = int(h["id"][1:])
+            assert h["text"] == corpus[h["id"]] and h["title"] == (f"Title {n}" if n % 2 else "")
+    one = httpx.post(f"{server}/v1/search", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"query": beir["queries"][0], "k": 2}).json()
+    assert [h["id"] for h in one["data"][0]["results"]] == [h["id"] for h in r.json()["data"][0]["results"][:2]]
+    for body, param in (({"query": ""}, "query"), ({"query": "x", "k": 0}, "k"), ({"query": 3}, "query")):
+        bad = httpx.post(f"{server}/v1/search", headers={"Authorization": f"Bearer {KEY}"}, json=body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param
+
+
+def test_search_without_an_index_is_404(lenient):
+    r = httpx.post(f"{lenient}/v1/search", json={"query": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "no_index"
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M))
+
+
+def test_concurrent_requests_are_batched_and_each_equals_encoding_alone(lenient, ref, model_dir):
+    rng = np.random.default_rng(0)
+    requests = []
+    for i in range(32):
+        texts = [TEXTS[j] for j in rng.integers(0, len(TEXTS), rng.integers(1, 17))]
+        requests.append((texts, "query" if i % 3 == 0 else "document"))
+    before = metric(httpx.get(f"{lenient}/metrics").text, "llama2vec_batch_texts_count")
+    c = client(lenient)
+
+    def call(request):
+        texts, kind = request
+        return vectors(c.embeddings.create(input=texts, model=model_dir.name, extra_body={"input_type": kind}))
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(call, requests, timeout=60))
+    alone = {}
+    for (texts, kind), got in zip(requests, results):
+        for text, row in zip(texts, got):
+            if (text, kind) not in alone:
+                encode = ref.encode_queries if kind == "query" else ref.encode_corpus
+                alone[text, kind] = encode([text], batch_size=1)[0]
+            assert max_diff(row, alone[text, kind]) <= 1e-5
+    forwards = metric(httpx.get(f"{lenient}/metrics").text, "llama2vec_batch_texts_count") - before
+    assert forwards < len(requests)  # requests shared forwards
+
+
+def test_metrics(server, model_dir):
+    c = client(server)
+    c.embeddings.create(input=["one", "two"], model=model_dir.name)
+    with pytest.raises(openai.BadRequestError):
+        c.embeddings.create(input="", model=model_dir.name)
+    text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert metric(text, 'llama2vec_requests_total{route="/v1/embeddings",status="200"}') >= 1
+    assert metric(text, 'llama2vec_requests_total{route="/v1/embeddings",status="400"}') >= 1
+    assert metric(text, 'llama2vec_request_seconds_count{route="/v1/embeddings"}') >= 2
+    assert metric(text, "llama2vec_batch_texts_count") >= 1 and metric(text, "llama2vec_batch_texts_sum") >= 2
+    assert "llama2vec_queue_texts 0.0" in text
+    assert metric(text, 'llama2vec_texts_total{input_type="document"}') >= 2
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+SLOW_SERVER = textwrap.dedent("""
+    import sys, time
+    from llama2vec.encoder import Llama2Vec
+
+    encode_ids = Llama2Vec.encode_ids
+    def slow(self, *args, **kwargs):
+        print("encoding", file=sys.stderr, flush=True)
+        time.sleep(2.0)
+        return encode_ids(self, *args, **kwargs)
+    Llama2Vec.encode_ids = slow
+    from llama2vec.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(model_dir, ref, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, "serve", "--model", str(model_dir), "--port", "0",
+                             "--device", "cpu"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url, log = None, []
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, "the server exited: " + "".join(log)
+            log.append(line)
+            found = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
+            url = found and found.group(1)
+        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+        assert url and httpx.get(f"{url}/health").status_code == 200
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, f"{url}/v1/embeddings", json={"input": TEXTS[:2]}, timeout=60)
+            while "encoding\n" not in log and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "encoding\n" in log, "".join(log)
+            proc.send_signal(signal.SIGTERM)  # while the request is being encoded
+            response = answer.result(timeout=60)
+        assert response.status_code == 200, response.text
+        got = np.array([d["embedding"] for d in response.json()["data"]])
+        assert max_diff(got, ref.encode_corpus(TEXTS[:2])) <= 1e-5
+        assert proc.wait(timeout=30) == 0, "".join(log)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_command_reports_a_taken_port_cleanly(model_dir, capsys):
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert main(["serve", "--model", str(model_dir), "--port", str(sock.getsockname()[1])]) == 2
+    finally:
+        sock.close()
+    assert "llama2vec: error: cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_the_command_refuses_a_dataset_without_an_index(model_dir, capsys):
+    assert main(["serve", "--model", str(model_dir), "--dataset", "somewhere"]) == 2
+    assert "give --index too" in capsys.readouterr().err
+
+
+def test_a_json_body_survives_the_size_guard(lenient, model_dir):
+    body = json.dumps({"input": ["chunked"] * 100, "model": model_dir.name}).encode()
+
+    def chunks():
+        for start in range(0, len(body), 100):
+            yield body[start: start + 100]
+
+    r = httpx.post(f"{lenient}/v1/embeddings", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 200 and len(r.json()["data"]) == 100
+    big = b"x" * 70000
+    r = httpx.post(f"{lenient}/v1/embeddings", content=(big[i: i + 1000] for i in range(0, len(big), 1000)))
+    assert r.status_code == 413
