@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--ivf-dim", type=int, default=256)
     parser.add_argument("--output", default="BENCHMARKS.md")
     args = parser.parse_args()
+    where = machine()  # before FAISS sets its (shared OpenMP) thread count to 1 for the queries/s column
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = tiny_model(tmp / "tiny")
@@ -193,7 +194,7 @@ def main() -> None:
     command = (f"python bench/scale.py --sizes {' '.join(map(str, args.sizes))} --ivf-rows {args.ivf_rows} "
                f"--ivf-dim {args.ivf_dim}")
     append_report(args.output, "Corpora larger than memory", command,
-                  f"{machine()}. Encoding: synthetic 24-word passages, a tiny random Llama (hidden 32, 2 layers), "
+                  f"{where}. Encoding: synthetic 24-word passages, a tiny random Llama (hidden 32, 2 layers), "
                   f"shards of 4,096; indexing: Flat over those embeddings. Peak = the process's peak resident "
                   f"set.\n\n{memory}\n\nEncoding {args.throughput_size:,} passages with 1 process and with 2 "
                   f"(the embeddings of the two differ by at most {same:.1e}):\n\n{throughput}\n\n"
