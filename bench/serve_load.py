@@ -70,7 +70,8 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def load(url: str, texts: list[str], clients: int, seconds: float, max_requests: int, seed: int) -> dict:
+async def load(url: str, texts: list[str], clients: int, seconds: float, max_requests: int, seed: int,
+               sizes: tuple[int, int] = (1, 16)) -> dict:
     """C clients sending requests of 1-16 consecutive passages until the deadline (or the request budget)."""
     import httpx
 
@@ -83,7 +84,7 @@ async def load(url: str, texts: list[str], clients: int, seconds: float, max_req
         nonlocal done, errors, budget
         while time.monotonic() < deadline and budget > 0:
             budget -= 1
-            n, start = rng.randint(1, 16), rng.randrange(len(texts))
+            n, start = rng.randint(*sizes), rng.randrange(len(texts))
             batch = [texts[(start + i) % len(texts)] for i in range(n)]
             began = time.perf_counter()
             try:
@@ -128,6 +129,8 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--request-texts", type=int, nargs=2, default=[1, 16], metavar=("LOW", "HIGH"),
+                        help="Passages a request holds, drawn uniformly from LOW..HIGH.")
     parser.add_argument("--output", default="BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -144,7 +147,8 @@ def main() -> None:
             try:
                 asyncio.run(load(url, texts, 1, 600, 1, args.seed))  # warm-up: one request
                 for clients in args.clients:
-                    r = asyncio.run(load(url, texts, clients, args.seconds, args.max_requests, args.seed))
+                    r = asyncio.run(load(url, texts, clients, args.seconds, args.max_requests, args.seed,
+                                         tuple(args.request_texts)))
                     results[mode, clients] = r
                     rows.append([f"server, {mode}", str(clients), f"{r['requests']:,}", f"{r['texts']:,}",
                                  f"{r['seconds']:.1f}", f"{r['texts_s']:.1f}", f"{r['p50']:.0f}", f"{r['p99']:.0f}",
@@ -158,9 +162,10 @@ def main() -> None:
     table = markdown_table(["run", "clients", "requests", "texts", "seconds", "texts/s", "p50 ms", "p99 ms",
                             "errors"], rows)
     append_report(args.output, "Serving embeddings under load (llama2vec serve)",
-                  f"python bench/serve_load.py --clients {' '.join(map(str, args.clients))} --seconds {args.seconds:g}",
+                  f"python bench/serve_load.py --clients {' '.join(map(str, args.clients))} --seconds {args.seconds:g} "
+                  f"--request-texts {args.request_texts[0]} {args.request_texts[1]} --offline-texts {args.offline_texts}",
                   f"{machine()}; {args.model} ({args.backend}), BBC passages cut to the model's length, requests of "
-                  f"1-16 passages (base64), loopback, client and server on the same cores; batched: "
+                  f"{args.request_texts[0]}-{args.request_texts[1]} passages (base64), loopback, client and server on the same cores; batched: "
                   f"--max-batch-tokens {args.max_batch_tokens} --max-wait-ms {args.max_wait_ms:g}; at {top} clients "
                   f"the batched server gives {batched / base['texts_s']:.2f}x the offline throughput and "
                   f"{batched / max(unbatched, 1e-9):.2f}x the unbatched server; {errors} errors.", table)
