@@ -161,11 +161,12 @@ def main() -> None:
     errors = sum(r["errors"] for r in results.values())
     table = markdown_table(["run", "clients", "requests", "texts", "seconds", "texts/s", "p50 ms", "p99 ms",
                             "errors"], rows)
+    low, high = args.request_texts
     append_report(args.output, "Serving embeddings under load (llama2vec serve)",
                   f"python bench/serve_load.py --clients {' '.join(map(str, args.clients))} --seconds {args.seconds:g} "
-                  f"--request-texts {args.request_texts[0]} {args.request_texts[1]} --offline-texts {args.offline_texts}",
+                  f"--request-texts {low} {high} --offline-texts {args.offline_texts}",
                   f"{machine()}; {args.model} ({args.backend}), BBC passages cut to the model's length, requests of "
-                  f"{args.request_texts[0]}-{args.request_texts[1]} passages (base64), loopback, client and server on the same cores; batched: "
+                  f"{low}-{high} passages (base64), loopback, client and server on the same cores; batched: "
                   f"--max-batch-tokens {args.max_batch_tokens} --max-wait-ms {args.max_wait_ms:g}; at {top} clients "
                   f"the batched server gives {batched / base['texts_s']:.2f}x the offline throughput and "
                   f"{batched / max(unbatched, 1e-9):.2f}x the unbatched server; {errors} errors.", table)
