@@ -58,14 +58,18 @@ def tokenizer():
     return make_tokenizer()
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path_factory):
+def write_tiny_model(folder):
     """A local Hugging Face folder holding a tiny random Llama and its tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tok = make_tokenizer()
     make_model(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory):
+    """A local Hugging Face folder holding a tiny random Llama and its tokenizer."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from conftest import SENTENCES, make_model, make_tokenizer  # noqa: E402
+from conftest import SENTENCES, write_tiny_model  # noqa: E402
 
 from llama2vec.cli import main  # noqa: E402
 from llama2vec.encoder import Llama2Vec  # noqa: E402
@@ -38,11 +38,7 @@ LONG = " ".join(SENTENCES * 3)  # over the tiny models' 128 tokens
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The `tiny_model_dir` model, made once for the module's servers."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = make_tokenizer()
-    make_model(len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
