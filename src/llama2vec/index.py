@@ -3,6 +3,7 @@ TREC runs, and top-k merging of several index shards."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -174,22 +175,30 @@ def index_parts(folder: str | Path) -> list[Path]:
     return [folder / p for p in meta["parts"]] if "parts" in meta else [folder]
 
 
-def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.ndarray, k: int,
-                  params: str | None = None) -> Run:
-    """Search every index folder (one at a time: one in memory) and merge their top-k by score."""
+def search_parts(parts: Iterable[tuple[object, list[str], str]], queries: np.ndarray, k: int,
+                 params: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Search index parts (index, its ids, a name for errors) in turn and merge their top-k by score:
+    (scores (Q, k), positions (Q, k) into the ids returned, every part's ids in order)."""
     results, all_ids, seen = [], [], {}
-    for folder in (part for f in folders for part in index_parts(f)):
-        index, ids = load_index(folder)
+    for index, ids, name in parts:
         clash = [i for i in ids if i in seen]
         if clash:
-            raise Llama2VecError(f"{folder}: ids also in {seen[clash[0]]}: {', '.join(clash[:5])}: the index shards "
+            raise Llama2VecError(f"{name}: ids also in {seen[clash[0]]}: {', '.join(clash[:5])}: the index shards "
                                  f"must hold disjoint passages")
-        seen.update(dict.fromkeys(ids, folder))
+        seen.update(dict.fromkeys(ids, name))
         s, i = search_index(index, queries, k, params=params)
         results.append((s, np.where(i >= 0, i + len(all_ids), -1)))
         all_ids.extend(ids)
     scores, found = merge_topk(results, k)
-    return to_run(query_ids, all_ids, scores, found)
+    return scores, found, all_ids
+
+
+def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.ndarray, k: int,
+                  params: str | None = None) -> Run:
+    """Search every index folder (one at a time: one in memory) and merge their top-k by score."""
+    parts = ((*load_index(folder), folder) for f in folders for folder in index_parts(f))
+    scores, found, ids = search_parts(parts, queries, k, params)
+    return to_run(query_ids, ids, scores, found)
 
 
 def exact_search(queries: np.ndarray, passages: np.ndarray, query_ids: list[str], doc_ids: list[str], k: int) -> Run:

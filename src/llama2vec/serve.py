@@ -316,6 +316,8 @@ class Searcher:
             if part.d != dim:
                 raise Llama2VecError(f"{index}: an index of {part.d}-dimension vectors; the model gives {dim}")
         self.ids = [i for _, ids in self.parts for i in ids]
+        if len(set(self.ids)) != len(self.ids):
+            raise Llama2VecError(f"{index}: an id is in several index parts: the parts must hold disjoint passages")
         self.corpus = beir_corpus(dataset) if dataset else {}
         missing = sum(i not in self.corpus for i in self.ids) if dataset else 0
         if missing:
@@ -324,14 +326,10 @@ class Searcher:
 
     def search(self, queries: np.ndarray, k: int) -> list[list[dict]]:
         """Each query's hits, best first, as `llama2vec search` ranks them over the same parts."""
-        from .index import merge_topk, search_index
+        from .index import search_parts
 
-        results, offset = [], 0
-        for index, ids in self.parts:
-            s, i = search_index(index, queries, k)
-            results.append((s, np.where(i >= 0, i + offset, -1)))
-            offset += len(ids)
-        scores, found = merge_topk(results, k)
+        scores, found, _ = search_parts(((index, ids, f"part {n}") for n, (index, ids) in enumerate(self.parts)),
+                                        queries, k)
         hits = []
         for row_scores, row_ids in zip(scores, found):
             hits.append([{"id": self.ids[d], "score": float(s), **self._passage(self.ids[d])}
