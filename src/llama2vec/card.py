@@ -178,6 +178,7 @@ def write_card(folder: str | Path, name: str | None = None, exported_from: str |
     base = base_model(folder) if exported_from is None or _run_config(folder) else exported_from
     root = root_model(base)
     lic = licence(base) or licence(root)
+    query_suffix, query_tokens = _query_prompt(spec)
     front = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
              "tags": ["llama2vec", "dense-retrieval", "sentence-similarity", "feature-extraction"]}
     if base:
@@ -192,7 +193,7 @@ def write_card(folder: str | Path, name: str | None = None, exported_from: str |
              "## Encoding", "",
              f"- Prompt preset `{spec.preset}`: `{spec.prefix}` + text + `{spec.self_suffix}` + {spec.k} "
              f"placeholder(s) {' '.join(spec.self_tokens)} for passages; queries take the "
-             f"{spec.query_task.upper()} prompt (`{_query_prompt(spec)[0]}` + {' '.join(_query_prompt(spec)[1])}).",
+             f"{spec.query_task.upper()} prompt (`{query_suffix}` + {' '.join(query_tokens)}).",
              f"- Pooling: {spec.pooling} over the placeholder positions' last hidden states, L2-normalised "
              f"(inner product = cosine).",
              f"- Lengths: passages cut to {spec.max_length} tokens, queries to "

@@ -73,26 +73,28 @@ DEFAULT_MAX_LENGTH = 128
 LLARA_MAX_LENGTH = 512  # the released LLaRA checkpoints' cards keep texts up to 512 tokens
 
 
-def is_llara_checkpoint(path: str) -> bool:
+def is_llara_checkpoint(path: str, tokenizer=None) -> bool:
     """A released LLaRA checkpoint (BAAI/LLARA-pretrain, -passage, -document, -beir, or one trained with
-    their code): no llama2vec_config.json, and its tokenizer already holds the 16 placeholders."""
+    their code): no llama2vec_config.json, and its tokenizer (loaded when not given) already holds the
+    16 placeholders."""
     from .models import load_tokenizer
 
     if (Path(path) / CONFIG_NAME).is_file():
         return False
-    vocab = load_tokenizer(path).get_vocab()
+    vocab = (tokenizer or load_tokenizer(path)).get_vocab()
     return all(f"<s{i}>" in vocab for i in range(1, 2 * LLARA_K + 1))
 
 
-def model_spec(name: str, prompt: PromptConfig | None = None,
-               max_length: int | None = None) -> tuple[str, PromptSpec]:
+def model_spec(name: str, prompt: PromptConfig | None = None, max_length: int | None = None,
+               tokenizer=None) -> tuple[str, PromptSpec]:
     """(the model's folder or hub id, how it encodes) without loading its weights: a llama2vec folder's
     llama2vec_config.json; for a released LLaRA checkpoint, its card's prompt and lengths; else the
-    prompt of `prompt` (default: llara) with texts cut to `max_length` tokens (default 128)."""
+    prompt of `prompt` (default: llara) with texts cut to `max_length` tokens (default 128). `tokenizer`:
+    the model's, when already loaded."""
     path = resolve_model_path(name)
     if (Path(path) / CONFIG_NAME).is_file() and prompt is None:
         return path, PromptSpec.load(path)
-    if prompt is None and is_llara_checkpoint(path):
+    if prompt is None and is_llara_checkpoint(path, tokenizer):
         spec = resolve_prompt(PromptConfig(), max_length or LLARA_MAX_LENGTH)
         spec.query_max_length = spec.max_length
         log.info("%s: a LLaRA checkpoint (<s1>..<s16> in its tokenizer, no %s): the llara prompt, queries and "
@@ -139,11 +141,12 @@ class Llama2Vec:
             backend, dtype = "torch", "bfloat16"
         if backend == "torch-compile":
             backend, kwargs["compile"] = "torch", True
-        path, spec = model_spec(name, prompt, max_length)
+        path = resolve_model_path(name)
         if backend != "torch":
             device, dtype = "cpu", "float32"  # the export starts from the float32 CPU model
         cfg = ModelConfig(model=name, device=device, dtype=dtype, attn_implementation=attn_implementation)
         tokenizer, model, _ = load_causal_lm(cfg, path)
+        path, spec = model_spec(name, prompt, max_length, tokenizer)
         add_placeholder_tokens(tokenizer, model, spec.new_tokens())
         if backend != "torch":
             k = prompt_ids(spec, tokenizer).k
