@@ -225,9 +225,9 @@ def demo_progress(ref: Path) -> Callable[[Path], float]:
             return 1.0
         done = {"data": (out / "data" / "dev" / "qrels" / "test.tsv").is_file(),
                 "adapt": (out / "adapted" / "llama2vec_config.json").is_file(),
-                "choose_query_prompt": (out / "eval" / "query_prompt_dev.json").is_file(),
+                "choose_encoding": (out / "eval" / "encoding_dev.json").is_file(),
                 "finetune": len(list(out.glob("finetuned/*/*/llama2vec_config.json"))) / 2,
-                "evaluate": (len(list(out.glob("eval/**/*.json"))) - 1) / 6}  # 6 systems' metrics
+                "evaluate": (len(list(out.glob("eval/**/*.json"))) - 1) / 14}  # 6 systems' metrics, 2 sets
         return sum(took.get(stage, 0.0) * max(0.0, float(share)) for stage, share in done.items()) / sum(took.values())
 
     return progress
@@ -307,7 +307,8 @@ def assert_same_index(ref: Path, got: Path, queries: np.ndarray) -> None:
 def demo_figures(folder: Path) -> dict:
     report = json.loads((folder / "report.json").read_text())
     return {"systems": {k: {m: v for m, v in e.items() if m != "model"} for k, e in report["systems"].items()},
-            "label_curve": report["label_curve"], "query_prompt_choice": report["settings"]["query_prompt_choice"]}
+            "label_curve": report["label_curve"], "encoding_choice": report["settings"]["encoding_choice"],
+            "out_of_domain": report["out_of_domain"]}
 
 
 # ---------------------------------------------------------------------------------------------- inputs

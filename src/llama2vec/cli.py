@@ -67,6 +67,11 @@ def _data(args: argparse.Namespace) -> None:
         folder = data.build_pair_cache(args.corpus, tokenizer, args.output, args.chunk_tokens, args.min_chunk_tokens,
                                        args.max_documents, workers=args.workers)
         print(f"wrote the pair cache {folder}: {data.PairDataset(folder).meta}")
+    elif args.dataset == "lee":
+        from .lee import build_lee
+
+        counts = build_lee(args.output)
+        print(f"wrote the Lee news BEIR folder (lede -> rest of the story) to {args.output}: {counts}")
     else:
         from .bbc import build_bbc
 
@@ -236,11 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="Write the embedded default data sets.")
-    p.add_argument("dataset", choices=["wiki", "bbc", "chunk"],
+    p.add_argument("dataset", choices=["wiki", "bbc", "lee", "chunk"],
                    help="wiki: the Wikipedia sample bundled in gensim, as JSONL; bbc: the BBC News retrieval "
-                        "task as a BEIR folder with train.jsonl; chunk: the adaptation pairs of --corpus, made "
-                        "ahead of training (adapt --pairs), in parallel with --workers.")
-    p.add_argument("--output", required=True, help="Output file (wiki: JSONL) or folder (bbc, chunk).")
+                        "task as a BEIR folder with train.jsonl; lee: an out-of-domain task (ABC news, "
+                        "opening sentence -> rest of the story; dev and test only); chunk: the adaptation pairs of "
+                        "--corpus, made ahead of training (adapt --pairs), in parallel with --workers.")
+    p.add_argument("--output", required=True, help="Output file (wiki: JSONL) or folder (bbc, lee, chunk).")
     p.add_argument("--negatives", type=int, default=15, help="bbc: BM25 hard negatives per training query.")
     p.add_argument("--corpus", help="chunk: the corpus (JSONL, .txt or .parquet).")
     p.add_argument("--model", default="smollm2", help="chunk: the model whose tokenizer cuts the chunks.")

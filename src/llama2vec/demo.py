@@ -1,10 +1,14 @@
 """`llama2vec demo`: the paper's claim tested end to end on the embedded defaults.
 
 Stages (each cached in the output folder; `--force` redoes them; an interrupted stage resumes):
-data -> adapt SmolLM2 (EBAE + EBAR, Wikipedia + BBC train bodies) -> choose the query prompt and, where
-the preset lists several, the fine-tuning recipe on the dev split -> fine-tune the adapted and the
-unadapted model with the same recipe -> evaluate every system on the same BBC test protocol ->
-label curve (fine-tuning on the first n training queries) -> report.json, report.md, charts.
+data (BBC headline -> article, and the out-of-domain Lee task: ABC news, opening sentence -> rest of the
+story) -> adapt SmolLM2 (EBAE + EBAR, Wikipedia + BBC train bodies) -> choose the query prompt and the
+passage length on the dev splits (BBC dev and Lee dev), and measure the fast backend's cost there -> mine
+hard negatives with the adapted model where a recipe asks for them -> choose the fine-tuning recipe on
+the dev splits where the preset lists several -> fine-tune the adapted and the unadapted model with the
+same recipe, for every seed -> evaluate every system on BBC test and Lee test; the hybrid's fusion is
+chosen on BBC dev -> label curve (fine-tuning on the first n training queries) -> report.json,
+report.md, charts.
 """
 
 from __future__ import annotations
@@ -25,16 +29,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the demo fine-tunes: all weights or LoRA adapters (rank 16), and the peak learning rate."""
+    """How the demo fine-tunes: all weights or LoRA adapters (rank 16), the peak learning rate, and the
+    hard negatives: `bm25` (those of train.jsonl) or `adapted` (mined by the adapted model itself)."""
 
     name: str
     lora: bool
     learning_rate: float
+    negatives: str = "bm25"
 
 
 FULL_2E5 = Recipe("full-lr2e-5", lora=False, learning_rate=2e-5)
-RECIPES = [FULL_2E5, Recipe("full-lr5e-5", lora=False, learning_rate=5e-5),
-           Recipe("lora-lr2e-4", lora=True, learning_rate=2e-4)]
+FULL_5E5 = Recipe("full-lr5e-5", lora=False, learning_rate=5e-5)
+RECIPES = [FULL_2E5, FULL_5E5, Recipe("lora-lr2e-4", lora=True, learning_rate=2e-4)]
+NEGATIVES = [FULL_5E5, Recipe("full-lr5e-5-adapted-negatives", lora=False, learning_rate=5e-5, negatives="adapted")]
 
 
 @dataclass
@@ -47,18 +54,27 @@ class DemoSettings:
     main_queries: int  # training queries of the main fine-tuned systems (one pass over them)
     finetune_batch: int
     group_size: int
-    passage_max_length: int  # tokens of a passage (and of an adaptation chunk), prompt excluded
+    passage_max_length: int  # tokens of a passage, prompt excluded (the first of `passage_lengths` when it lists some)
     query_max_length: int
     eval_queries: int | None  # test queries evaluated (None: all 403)
     distractors: int | None  # passages besides the evaluated queries' own (None: the whole corpus)
     label_curve: list[int] = field(default_factory=list)  # n training queries (0 = no fine-tuning)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0])  # the main systems and every curve point run with each
     query_prompt: str = "auto"  # prompt for queries: next, self, or auto (the better on the dev split)
+    # Passage lengths to choose from on dev by the adapted model's zero-shot nDCG@10 (empty: passage_max_length).
+    passage_lengths: list[int] = field(default_factory=list)
+    adapt_max_length: int | None = None  # tokens of an adaptation chunk (None: passage_max_length)
     # Fine-tuning recipes; with more than one, the one with the best mean dev nDCG@10 of the adapted and
-    # the unadapted model, each fine-tuned on the first `recipe_queries` training queries, is used.
+    # the unadapted model (BBC dev and Lee dev), each fine-tuned on the first `recipe_queries` training
+    # queries, is used.
     recipes: list[Recipe] = field(default_factory=lambda: [FULL_2E5])
     recipe_queries: int = 48
     temperature: float = 0.02
+    # auto: bfloat16 where its products are fast (a GPU, or a CPU with bfloat16 instructions such as
+    # AVX-512 BF16), float32 elsewhere. Training: bf16-mixed or fp32; encoding: torch-bfloat16 or torch.
+    precision: str = "auto"
+    backend: str = "auto"
+    ood_distractors: int | None = 100  # Lee passages besides the evaluated queries' own (None: all)
     scaled_down: str = ""
     base_model: str = "smollm2"
 
@@ -73,31 +89,55 @@ PRESETS = {
     ),
     "full": DemoSettings(
         adapt_steps=200, adapt_batch=8, adapt_lr=1e-4,
-        main_queries=160, finetune_batch=4, group_size=4,
-        passage_max_length=64, query_max_length=32, eval_queries=None, distractors=200,
-        label_curve=[0, 16, 48, 160], seeds=[0, 1], recipes=RECIPES, recipe_queries=48,
-        scaled_down="passages and adaptation chunks cut to 64 tokens; the 403 test queries against their own "
-                    "403 passages plus 200 others (not the whole 2,089-passage corpus); fine-tuning on up to 160 "
-                    "of the 1,464 training queries (one pass)",
+        main_queries=240, finetune_batch=4, group_size=4,
+        passage_max_length=128, passage_lengths=[64, 128], query_max_length=32, eval_queries=None,
+        distractors=200, label_curve=[0, 16, 48, 240], seeds=[0, 1], recipes=NEGATIVES, recipe_queries=48,
+        scaled_down="adaptation chunks cut to 128 tokens; the 403 test queries against their own 403 passages "
+                    "plus 200 others (not the whole 2,089-passage corpus); fine-tuning on up to 240 of the 1,464 "
+                    "training queries (one pass)",
     ),
     "paper": DemoSettings(
         adapt_steps=2000, adapt_batch=8, adapt_lr=5e-5,
         main_queries=1464, finetune_batch=4, group_size=8,
-        passage_max_length=128, query_max_length=32, eval_queries=None, distractors=None,
-        label_curve=[0, 64, 256, 1464], seeds=[0, 1, 2], recipes=RECIPES, recipe_queries=256,
+        passage_max_length=128, passage_lengths=[128, 256], query_max_length=32, eval_queries=None,
+        distractors=None, label_curve=[0, 64, 256, 1464], seeds=[0, 1, 2], recipes=RECIPES + NEGATIVES[1:],
+        recipe_queries=256, ood_distractors=None,
     ),
 }
 
-# Rough CPU costs (2 cores, float32), from BENCHMARKS.md: seconds per token of work.
+# Rough CPU costs (2 cores, float32), from BENCHMARKS.md: seconds per token of work; bfloat16 on a CPU
+# with bfloat16 instructions takes about 0.55 of that (a SmolLM2 step: 7.1 s against 12.7 s).
 _TRAIN_S_PER_TOKEN = 1 / 165
 _ENCODE_S_PER_TOKEN = 1 / 550
+_BF16 = 0.55
 _PROMPT_TOKENS = 25
+_LEE = (300, 190, 110)  # Lee passages, test and dev queries
+
+
+def fast_bfloat16() -> bool:
+    """Whether bfloat16 products run fast here: a CUDA GPU, or a CPU whose oneDNN has bfloat16 kernels."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_speed(s: DemoSettings) -> DemoSettings:
+    """The settings with `precision` and `backend` resolved from auto."""
+    fast = fast_bfloat16()
+    precision = s.precision if s.precision != "auto" else ("bf16-mixed" if fast else "fp32")
+    backend = s.backend if s.backend != "auto" else ("torch-bfloat16" if fast else "torch")
+    return dataclasses.replace(s, precision=precision, backend=backend)
 
 
 def finetune_runs(s: DemoSettings) -> list[tuple[int, int]]:
-    """(n training queries, seed) of every fine-tuning run per model; the main systems are the run
-    (main_queries, first seed), which the label curve reuses."""
-    runs = [(s.main_queries, s.seeds[0])]
+    """(n training queries, seed) of every fine-tuning run per model; the main systems are the runs
+    (main_queries, seed) for every seed, which the label curve reuses."""
+    runs = [(s.main_queries, seed) for seed in s.seeds]
     runs += [(n, seed) for n in s.label_curve if n for seed in s.seeds if (n, seed) not in runs]
     return runs
 
@@ -107,43 +147,52 @@ def steps_for(n: int, s: DemoSettings) -> int:
     return max(1, n // s.finetune_batch)
 
 
-def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tuple[int, int] = (0, 0)) -> float:
-    """`n_dev`: passages and queries of the dev set (the recipe choice encodes it once per candidate)."""
-    adapt = s.adapt_steps * s.adapt_batch * (s.passage_max_length + 2 * _PROMPT_TOKENS) * _TRAIN_S_PER_TOKEN
-    step = s.finetune_batch * (s.group_size * (s.passage_max_length + _PROMPT_TOKENS) + s.query_max_length)
+def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tuple[int, int] = (0, 0),
+                     bf16: bool = False) -> float:
+    """`n_dev`: passages and queries of the BBC dev set (the choices on dev encode it)."""
+    speed = _BF16 if bf16 else 1.0
+    length = max([s.passage_max_length, *s.passage_lengths])
+    adapt = s.adapt_steps * s.adapt_batch * ((s.adapt_max_length or length) + 2 * _PROMPT_TOKENS) * _TRAIN_S_PER_TOKEN
+    step = s.finetune_batch * (s.group_size * (length + _PROMPT_TOKENS) + s.query_max_length)
 
-    def encode(passages: int, queries: int) -> float:
-        return (passages * (s.passage_max_length + _PROMPT_TOKENS) + queries * 40) * _ENCODE_S_PER_TOKEN
+    def encode(passages: int, queries: int, length: int = length) -> float:
+        return (passages * (length + _PROMPT_TOKENS) + queries * 40) * _ENCODE_S_PER_TOKEN
 
+    lee_test, lee_dev = min(_LEE[0], _LEE[1] + (s.ood_distractors or _LEE[0])), _LEE[2] + (s.ood_distractors or 0)
     runs = finetune_runs(s)
     extra = len(s.recipes) - 1  # candidate recipes beyond the one whose runs the curve reuses
     steps = sum(steps_for(n, s) for n, _ in runs) + extra * steps_for(s.recipe_queries, s)
-    dev = 2 * len(s.recipes) * encode(*n_dev) if extra else 0.0
+    dev = encode(n_dev[0] + lee_dev, n_dev[1] + _LEE[2])
+    choices = (sum(encode(n_dev[0] + lee_dev, 0, n) for n in s.passage_lengths or [length]) + 2 * dev
+               + (2 * len(s.recipes) * dev if extra else 0.0))
+    mine = encode(2089, s.main_queries) if any(r.negatives == "adapted" for r in s.recipes) else 0.0
     finetune = 2 * steps * step * _TRAIN_S_PER_TOKEN
-    return 90 + adapt + finetune + dev + (2 + 2 * len(runs)) * encode(n_passages, n_queries)
+    evaluations = (2 + 2 * len(runs)) * encode(n_passages, n_queries) + (2 + 2 * len(s.seeds)) * encode(lee_test,
+                                                                                                        _LEE[1])
+    return 90 + speed * (adapt + finetune + choices + mine + evaluations + dev)
 
 
 # --------------------------------------------------------------------------------------------
 # Data
 
 
-def build_eval_set(bbc: Path, out: Path, s: DemoSettings, split: str = "test") -> Path:
-    """The BEIR folder every system is evaluated on: the split's queries (all, or the first
-    `eval_queries` by id hash) and a corpus of their passages plus `distractors` others. Written
-    with the qrels as `test.tsv` whatever the split, so that every evaluation reads one name."""
+def build_eval_set(source: Path, out: Path, queries: int | None, distractors: int | None, split: str = "test") -> Path:
+    """The BEIR folder a split is evaluated on: the split's queries (all, or the first `queries` by
+    id hash) and a corpus of their passages plus `distractors` others. Written with the qrels as
+    `test.tsv` whatever the split, so that every evaluation reads one name."""
     from .formats import read_beir, write_jsonl_rows, write_qrels
 
     if (out / "qrels" / "test.tsv").is_file():
         return out
-    data = read_beir(bbc, split)
+    data = read_beir(source, split)
 
     def rank(x: str) -> str:
         return hashlib.sha1(f"demo:{x}".encode()).hexdigest()
 
-    qids = sorted(data.queries, key=rank)[: s.eval_queries or None]
+    qids = sorted(data.queries, key=rank)[: queries or None]
     relevant = {d for q in qids for d in data.qrels[q]}
     others = sorted((d for d in data.corpus if d not in relevant), key=rank)
-    keep = relevant | set(others if s.distractors is None else others[: s.distractors])
+    keep = relevant | set(others if distractors is None else others[: distractors])
     write_jsonl_rows(out / "corpus.jsonl", ({"_id": d, **data.corpus[d]} for d in data.corpus if d in keep))
     write_jsonl_rows(out / "queries.jsonl", ({"_id": q, "text": data.queries[q]} for q in qids))
     write_qrels(out / "qrels" / "test.tsv", {q: data.qrels[q] for q in qids})
@@ -162,6 +211,26 @@ def build_adapt_corpus(wiki: Path, bbc: Path, out: Path) -> Path:
     bodies = dict.fromkeys(e.pos[0] for e in read_train(bbc / "train.jsonl"))
     rows += [{"id": f"bbc-train-{i}", "title": "", "text": body} for i, body in enumerate(bodies)]
     write_jsonl_rows(out, rows)
+    return out
+
+
+def mine_adapted(encoder, bbc: Path, n: int, out: Path) -> Path:
+    """train.jsonl's first n examples (same order) with their negatives mined by `encoder`, the adapted
+    model, instead of BM25: from the same pool and ranks as those of `data bbc` (every BBC passage,
+    15 from ranks 3-100, a passage whose text equals the positive's never)."""
+    from .formats import beir_corpus, read_train, write_jsonl_rows
+    from .mine import mine_dense
+
+    if out.is_file():
+        return out
+    examples = read_train(bbc / "train.jsonl")[:n]
+    corpus = {d: doc["text"] for d, doc in beir_corpus(bbc).items()}
+    by_text = {t: d for d, t in corpus.items()}
+    queries = {f"q{i}": e.query for i, e in enumerate(examples)}
+    qrels = {f"q{i}": {by_text[e.pos[0]]: 1} for i, e in enumerate(examples)}
+    negs = mine_dense(encoder, corpus, queries, qrels, 15, (3, 100), seed=0)
+    write_jsonl_rows(out, ({"query": e.query, "pos": e.pos, "neg": [corpus[d] for d in negs[f"q{i}"]]}
+                           for i, e in enumerate(examples)))
     return out
 
 
@@ -209,10 +278,10 @@ def run_adapt(corpus: Path, out: Path, s: DemoSettings) -> Path:
 
     if not _done(out):
         adapt(ModelConfig(model=s.base_model), PromptConfig(), PretextConfig(),
-              DataConfig(corpus=str(corpus), max_length=s.passage_max_length),
+              DataConfig(corpus=str(corpus), max_length=s.adapt_max_length or s.passage_max_length),
               TrainConfig(output=str(out), max_steps=s.adapt_steps, batch_size=s.adapt_batch,
                           learning_rate=s.adapt_lr, warmup_steps=max(1, s.adapt_steps // 20), logging_steps=1,
-                          save_steps=25, resume=out.exists()))
+                          save_steps=25, resume=out.exists(), precision=s.precision))
     return out
 
 
@@ -229,28 +298,29 @@ def run_finetune(model: str, train: Path, n: int | None, steps: int, seed: int, 
                  FinetuneTrainConfig(output=str(out), max_steps=steps, batch_size=s.finetune_batch,
                                      lora=recipe.lora, learning_rate=recipe.learning_rate,
                                      warmup_steps=max(1, steps // 10), seed=seed, logging_steps=1,
-                                     save_steps=25, resume=out.exists()))
+                                     save_steps=25, resume=out.exists(), precision=s.precision))
     return out
 
 
-def load_llm_encoder(system: str, s: DemoSettings):
-    """A llama2vec folder encodes as saved, except that queries take the demo's query prompt;
-    a plain causal LM gets the demo's prompt and lengths."""
+def load_llm_encoder(system: str, s: DemoSettings, backend: str | None = None):
+    """A SmolLM2 system as the demo encodes it: its prompt and placeholders as saved (a plain causal LM
+    gets the demo's prompt), with the demo's query prompt, lengths and backend."""
     from .config import PromptConfig
     from .encoder import Llama2Vec
 
+    backend = backend or s.backend
     if _done(Path(system)):
-        enc = Llama2Vec.from_pretrained(system, show_progress=True)
+        enc = Llama2Vec.from_pretrained(system, show_progress=True, backend=backend)
     else:
         enc = Llama2Vec.from_pretrained(system, prompt=PromptConfig(), max_length=s.passage_max_length,
-                                        show_progress=True)
-        enc.spec.query_max_length = s.query_max_length
+                                        show_progress=True, backend=backend)
+    enc.spec.max_length, enc.spec.query_max_length = s.passage_max_length, s.query_max_length
     enc.spec.query_task = s.query_prompt
     return enc
 
 
 def evaluate_system(system: str, data: Path, out: Path, s: DemoSettings, run_file: Path | None = None) -> dict:
-    """Metrics of a system on the eval set, cached as JSON (and its run kept for fusion)."""
+    """Metrics of a system on an eval set, cached as JSON (and its run kept for fusion)."""
     from .formats import read_beir, write_run
     from .metrics import evaluate_run
     from .store import read_json_or_none, write_json
@@ -274,10 +344,11 @@ def evaluate_system(system: str, data: Path, out: Path, s: DemoSettings, run_fil
     return metrics
 
 
-def choose_query_prompt(adapted: Path, dev: Path, out: Path, s: DemoSettings) -> dict:
-    """On the dev split (never test): the adapted model's zero-shot nDCG@10 with the NEXT and the
-    SELF prompt for queries; the better one is used for every SmolLM2 system. Cached in `out`."""
-    from .encoder import Llama2Vec
+def choose_encoding(adapted: Path, devs: dict[str, Path], out: Path, s: DemoSettings) -> dict:
+    """On the dev splits (never test): the adapted model's zero-shot nDCG@10 with the NEXT and the SELF
+    prompt for queries (unless the settings fix one), at each candidate passage length, on every dev
+    set; the best mean over the dev sets is used for every SmolLM2 system. Then the cost of the fast
+    backend: the chosen encoding's dev nDCG@10 with the backend against float32. Cached in `out`."""
     from .formats import read_beir
     from .index import exact_search
     from .metrics import evaluate_run
@@ -286,16 +357,39 @@ def choose_query_prompt(adapted: Path, dev: Path, out: Path, s: DemoSettings) ->
     cached = read_json_or_none(out)
     if cached is not None:
         return cached
-    data = read_beir(dev, "test")
-    enc = Llama2Vec.from_pretrained(str(adapted), show_progress=True)
-    doc_ids, qids = list(data.corpus), list(data.queries)
-    passages = enc.encode_corpus([data.corpus[d] for d in doc_ids])
-    scores = {}
-    for task in ("next", "self"):
-        enc.spec.query_task = task
-        run = exact_search(enc.encode_queries([data.queries[q] for q in qids]), passages, qids, doc_ids, 100)
-        scores[task] = evaluate_run(data.qrels, run)["ndcg@10"]
-    choice = {"dev_ndcg@10": scores, "chosen": max(scores, key=lambda t: (scores[t], t == "next"))}
+    sets = {name: read_beir(path, "test") for name, path in devs.items()}
+
+    def scores(enc, lengths: list[int], tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        table: dict[str, dict[str, float]] = {}
+        for name, data in sets.items():
+            doc_ids, qids = list(data.corpus), list(data.queries)
+            queries = {}
+            for task in tasks:
+                enc.spec.query_task = task
+                queries[task] = enc.encode_queries([data.queries[q] for q in qids])
+            for length in lengths:
+                enc.spec.max_length = length
+                passages = enc.encode_corpus([data.corpus[d] for d in doc_ids])
+                for task in tasks:
+                    run = exact_search(queries[task], passages, qids, doc_ids, 100)
+                    table.setdefault(f"{task}/{length}", {})[name] = evaluate_run(data.qrels, run)["ndcg@10"]
+        for row in table.values():
+            row["mean"] = statistics.mean(row.values())
+        return table
+
+    lengths = s.passage_lengths or [s.passage_max_length]
+    enc = load_llm_encoder(str(adapted), s)
+    table = scores(enc, lengths, ("next", "self") if s.query_prompt == "auto" else (s.query_prompt,))
+    # The best mean; ties go to the method's NEXT prompt and the shorter passages.
+    best = max(table, key=lambda k: (table[k]["mean"], k.startswith("next"), -int(k.split("/")[1])))
+    task, length = best.split("/")
+    choice = {"dev_ndcg@10": table, "chosen": best, "query_prompt": task, "passage_max_length": int(length),
+              "backend": s.backend}
+    if s.backend != "torch":  # the backend's measured cost: the chosen encoding again in float32
+        chosen = dataclasses.replace(s, query_prompt=task, passage_max_length=int(length))
+        exact = scores(load_llm_encoder(str(adapted), chosen, backend="torch"), [int(length)], (task,))[best]
+        choice["backend_cost"] = {"float32": exact, s.backend: table[best],
+                                  "difference": table[best]["mean"] - exact["mean"]}
     write_json(out, choice)
     return choice
 
@@ -308,11 +402,12 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     from .data import build_wiki
     from .formats import read_beir, read_run, read_train
     from .fusion import choose_fusion, format_choice, fuse
+    from .lee import build_lee
     from .metrics import evaluate_run
 
     if settings is None and preset not in PRESETS:
         raise Llama2VecError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-    s = settings or PRESETS[preset]
+    s = resolve_speed(settings or PRESETS[preset])
     out = Path(output)
     if force and out.exists():
         shutil.rmtree(out)
@@ -324,26 +419,33 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     def stage(name: str):
         timings[name] = round(max(0.0, time.time() - t0 - sum(timings.values())), 1)
 
-    wiki, bbc = out / "data" / "wiki.jsonl", out / "data" / "bbc"
+    wiki, bbc, lee = out / "data" / "wiki.jsonl", out / "data" / "bbc", out / "data" / "lee"
     data_key = cache.claim(wiki)
     if not wiki.is_file():
         build_wiki(wiki)
     cache.claim(bbc)
     if not (bbc / "train.jsonl").is_file():
         build_bbc(bbc)
-    sets = {split: cache.claim(out / "data" / name, data=data_key, queries=s.eval_queries, distractors=s.distractors)
-            for split, name in (("test", "eval"), ("dev", "dev"))}
-    eval_set = build_eval_set(bbc, out / "data" / "eval", s)
+    cache.claim(lee)
+    if not (lee / "qrels" / "test.tsv").is_file():
+        build_lee(lee)
+    # Every eval set (a BEIR folder whose qrels are test.tsv): BBC test and dev, Lee test and dev.
+    specs = {"eval": (bbc, "test", s.eval_queries, s.distractors), "dev": (bbc, "dev", s.eval_queries, s.distractors),
+             "lee-test": (lee, "test", None, s.ood_distractors), "lee-dev": (lee, "dev", None, s.ood_distractors)}
+    sets: dict[Path, str] = {}
+    for name, (source, split, queries, distractors) in specs.items():
+        folder = out / "data" / name
+        sets[folder] = cache.claim(folder, data=data_key, split=split, queries=queries, distractors=distractors)
+        build_eval_set(source, folder, queries, distractors, split)
+    eval_set, dev, lee_test, lee_dev = (out / "data" / name for name in specs)
     n_train = len(read_train(bbc / "train.jsonl"))
     test = read_beir(eval_set, "test")
-    dev = build_eval_set(bbc, out / "data" / "dev", s, split="dev")  # where the prompt and recipe are chosen
-    n_dev = (0, 0)
-    if len(s.recipes) > 1:
-        dev_set = read_beir(dev, "test")
-        n_dev = (len(dev_set.corpus), len(dev_set.queries))
-    est = estimate_seconds(s, len(test.corpus), len(test.queries), n_dev)
+    dev_set = read_beir(dev, "test")
+    est = estimate_seconds(s, len(test.corpus), len(test.queries), (len(dev_set.corpus), len(dev_set.queries)),
+                           bf16=s.precision != "fp32")
     print(f"llama2vec demo, preset {preset}: {len(test.queries)} test queries, {len(test.corpus)} passages; "
-          f"estimated time on a 2-core CPU: about {est / 60:.0f} minutes (stages already done are skipped)")
+          f"training in {s.precision}, encoding with {s.backend}; estimated time on a 2-core CPU: about "
+          f"{est / 60:.0f} minutes (stages already done are skipped)")
     stage("data")
 
     from .models import resolve_model_path
@@ -353,36 +455,52 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     cache.claim(out / "data" / "adapt_corpus.jsonl", data=data_key)
     corpus = build_adapt_corpus(wiki, bbc, out / "data" / "adapt_corpus.jsonl")
     adapted_key = cache.claim(out / "adapted", data=data_key, model=base_key, steps=s.adapt_steps,
-                              batch=s.adapt_batch, lr=s.adapt_lr, max_length=s.passage_max_length)
+                              batch=s.adapt_batch, lr=s.adapt_lr, max_length=s.adapt_max_length or s.passage_max_length,
+                              precision=s.precision)
     adapted = run_adapt(corpus, out / "adapted", s)
     stage("adapt")
-    prompt_choice = None
-    if s.query_prompt == "auto":
-        choice_file = out / "eval" / "query_prompt_dev.json"
-        cache.claim(choice_file, model=adapted_key, dev=sets["dev"], query_max_length=s.query_max_length)
-        prompt_choice = choose_query_prompt(adapted, dev, choice_file, s)
-        s = dataclasses.replace(s, query_prompt=prompt_choice["chosen"])
-        print(f"query prompt chosen on the dev split: {s.query_prompt} {prompt_choice['dev_ndcg@10']}")
-    stage("choose_query_prompt")
+
+    # Chosen on dev (BBC dev and Lee dev, never test): the query prompt and the passage length.
+    choice_file = out / "eval" / "encoding_dev.json"
+    cache.claim(choice_file, model=adapted_key, dev=[sets[dev], sets[lee_dev]], query_prompt=s.query_prompt,
+                lengths=s.passage_lengths or [s.passage_max_length], query_max_length=s.query_max_length,
+                backend=s.backend)
+    encoding_choice = choose_encoding(adapted, {"bbc": dev, "lee": lee_dev}, choice_file, s)
+    s = dataclasses.replace(s, query_prompt=encoding_choice["query_prompt"],
+                            passage_max_length=encoding_choice["passage_max_length"])
+    print(f"chosen on dev: query prompt {s.query_prompt}, passages of {s.passage_max_length} tokens "
+          f"{encoding_choice['dev_ndcg@10']}")
+    stage("choose_encoding")
 
     models = {"unadapted": s.base_model, "adapted": str(adapted)}
     model_keys = {s.base_model: base_key, str(adapted): adapted_key, "bm25": "bm25", "minilm": "minilm"}
     evals = out / "eval"
     # What every fine-tuning run and every evaluation of a SmolLM2 system share.
     common = dict(query_prompt=s.query_prompt, query_max_length=s.query_max_length,
-                  passage_max_length=s.passage_max_length)
+                  passage_max_length=s.passage_max_length, backend=s.backend)
+
+    train_files = {"bm25": bbc / "train.jsonl"}
+    train_keys = {"bm25": data_key}
+    if any(r.negatives == "adapted" for r in s.recipes):
+        need = max([s.main_queries, s.recipe_queries, *s.label_curve])
+        mined = out / "data" / "train_adapted_negatives.jsonl"
+        train_keys["adapted"] = cache.claim(mined, model=adapted_key, data=data_key, n=need, **common)
+        if not mined.is_file():
+            mine_adapted(load_llm_encoder(str(adapted), s), bbc, need, mined)
+        train_files["adapted"] = mined
+    stage("mine")
 
     def finetuned(name: str, n: int, seed: int, recipe: Recipe) -> Path:
         folder = out / "finetuned" / recipe.name / f"{name}-n{n}-s{seed}"
         model_keys[str(folder)] = cache.claim(
-            folder, model=model_keys[models[name]], data=data_key, n=n, steps=steps_for(n, s), seed=seed,
-            recipe=dataclasses.asdict(recipe), batch=s.finetune_batch, group_size=s.group_size,
-            temperature=s.temperature, **common)
-        return run_finetune(models[name], bbc / "train.jsonl", n, steps_for(n, s), seed, folder, s, recipe)
+            folder, model=model_keys[models[name]], data=train_keys[recipe.negatives], n=n, steps=steps_for(n, s),
+            seed=seed, recipe=dataclasses.asdict(recipe), batch=s.finetune_batch, group_size=s.group_size,
+            temperature=s.temperature, precision=s.precision, **common)
+        return run_finetune(models[name], train_files[recipe.negatives], n, steps_for(n, s), seed, folder, s, recipe)
 
-    def run_eval(system: str, data: Path, metrics: Path, s: DemoSettings, run_file: Path | None = None) -> dict:
+    def run_eval(system: str, data: Path, metrics: Path, run_file: Path | None = None) -> dict:
         """`evaluate_system` of a stage whose inputs are fingerprinted (its run file with it)."""
-        key = cache.claim(metrics, system=model_keys[system], data=sets["dev" if data == dev else "test"], **common)
+        key = cache.claim(metrics, system=model_keys[system], data=sets[data], **common)
         if run_file is not None:
             cache.claim(run_file, metrics=key)
             if not run_file.is_file():
@@ -394,39 +512,55 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     if len(s.recipes) > 1:
         dev_scores = {}
         for candidate in s.recipes:
-            scores = {name: run_eval(str(finetuned(name, s.recipe_queries, s.seeds[0], candidate)), dev,
-                                     evals / "dev" / candidate.name / f"{name}.json", s)["ndcg@10"] for name in models}
-            dev_scores[candidate.name] = {**scores, "mean": statistics.mean(scores.values())}
+            row: dict = {}
+            for name in models:
+                folder = str(finetuned(name, s.recipe_queries, s.seeds[0], candidate))
+                row[name] = {d: run_eval(folder, data, evals / d / candidate.name / f"{name}.json")["ndcg@10"]
+                             for d, data in (("dev", dev), ("lee-dev", lee_dev))}
+            dev_scores[candidate.name] = {**row, "mean": statistics.mean(v for r in row.values() for v in r.values())}
         recipe = max(s.recipes, key=lambda r: dev_scores[r.name]["mean"])
         recipe_choice = {"queries": s.recipe_queries, "dev_ndcg@10": dev_scores, "chosen": recipe.name}
-        print(f"fine-tuning recipe chosen on the dev split: {recipe.name} {dev_scores}")
+        print(f"fine-tuning recipe chosen on the dev splits: {recipe.name} {dev_scores}")
     stage("choose_recipe")
 
-    def finetuned_eval(name: str, n: int, seed: int, run_file: Path | None = None) -> dict:
+    def finetuned_eval(name: str, n: int, seed: int, data: Path = eval_set, run_file: Path | None = None) -> dict:
         folder = finetuned(name, n, seed, recipe)
-        return run_eval(str(folder), eval_set, evals / "finetuned" / recipe.name / f"{name}-n{n}-s{seed}.json", s,
-                        run_file)
+        where = evals if data == eval_set else evals / data.name
+        return run_eval(str(folder), data, where / "finetuned" / recipe.name / f"{name}-n{n}-s{seed}.json", run_file)
 
-    main = {name: finetuned(name, s.main_queries, s.seeds[0], recipe) for name in models}
+    main = {name: {seed: finetuned(name, s.main_queries, seed, recipe) for seed in s.seeds} for name in models}
     stage("finetune")
 
-    systems = {
-        "bm25": run_eval("bm25", eval_set, evals / "bm25.json", s, evals / "bm25.trec"),
-        "minilm": run_eval("minilm", eval_set, evals / "minilm.json", s),
-        "smollm2": run_eval(s.base_model, eval_set, evals / "smollm2.json", s),
-        "smollm2-adapted": run_eval(str(adapted), eval_set, evals / "smollm2-adapted.json", s),
-        "smollm2-finetuned": finetuned_eval("unadapted", s.main_queries, s.seeds[0]),
-        "smollm2-adapted-finetuned": finetuned_eval("adapted", s.main_queries, s.seeds[0],
-                                                    evals / "smollm2-adapted-finetuned.trec"),
-    }
-    # The hybrid's fusion is chosen on dev (the runs of both inputs there), then applied unchanged to test.
+    def aft_run(where: Path, seed: int) -> Path:
+        return where / ("smollm2-adapted-finetuned.trec" if seed == s.seeds[0] else
+                        f"smollm2-adapted-finetuned-s{seed}.trec")
+
+    # Every system on BBC test and on Lee test; the fine-tuned ones for every seed.
+    results: dict[str, dict] = {}
+    for data, where in ((eval_set, evals), (lee_test, evals / "lee-test")):
+        per_seed = {"smollm2-finetuned": [finetuned_eval("unadapted", s.main_queries, seed, data) for seed in s.seeds],
+                    "smollm2-adapted-finetuned": [finetuned_eval("adapted", s.main_queries, seed, data,
+                                                                 aft_run(where, seed)) for seed in s.seeds]}
+        results[data.name] = {
+            "bm25": [run_eval("bm25", data, where / "bm25.json", where / "bm25.trec")],
+            "minilm": [run_eval("minilm", data, where / "minilm.json")],
+            "smollm2": [run_eval(s.base_model, data, where / "smollm2.json")],
+            "smollm2-adapted": [run_eval(str(adapted), data, where / "smollm2-adapted.json")],
+            **per_seed,
+        }
+    # The hybrid's fusion is chosen on BBC dev (the runs of both inputs there), then applied unchanged
+    # to BBC test and to Lee test, for every seed.
     dev_runs = [evals / "dev" / "bm25.trec", evals / "dev" / "smollm2-adapted-finetuned.trec"]
-    run_eval("bm25", dev, evals / "dev" / "bm25.json", s, dev_runs[0])
-    run_eval(str(main["adapted"]), dev, evals / "dev" / "smollm2-adapted-finetuned.json", s, dev_runs[1])
+    run_eval("bm25", dev, evals / "dev" / "bm25.json", dev_runs[0])
+    finetuned_eval("adapted", s.main_queries, s.seeds[0], dev, dev_runs[1])
     spec, table = choose_fusion([read_run(r) for r in dev_runs], read_beir(dev, "test").qrels)
     print(format_choice(table, ["bm25", "smollm2-adapted-finetuned"]))
-    fused = fuse([read_run(evals / "bm25.trec"), read_run(evals / "smollm2-adapted-finetuned.trec")], spec)
-    systems["hybrid"] = evaluate_run(test.qrels, fused)
+    for data, where in ((eval_set, evals), (lee_test, evals / "lee-test")):
+        qrels = read_beir(data, "test").qrels
+        results[data.name]["hybrid"] = [evaluate_run(qrels, fuse([read_run(where / "bm25.trec"),
+                                                                  read_run(aft_run(where, seed))], spec))
+                                        for seed in s.seeds]
+    systems = {k: v[0] for k, v in results["eval"].items()}
     fusion_choice = {"chosen": spec.to_json(), "label": str(spec),
                      "dev_ndcg@10": {str(c): round(v, 4) for c, v in table[:8]}}
     stage("evaluate")
@@ -445,21 +579,31 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
         curve.append(point)
     stage("label_curve")
 
+    def summary(figures: list[dict]) -> dict:
+        scores = [f["ndcg@10"] for f in figures]
+        return {"ndcg@10": figures[0]["ndcg@10"], "mrr@10": figures[0]["mrr@10"],
+                "recall@100": figures[0]["recall@100"], "seed_scores": scores,
+                "mean": statistics.mean(scores), "spread": (max(scores) - min(scores)) / 2}
+
+    first = {name: str(main[name][s.seeds[0]]) for name in models}
     model_paths = {"bm25": None, "minilm": "minilm", "smollm2": s.base_model, "smollm2-adapted": str(adapted),
-                   "smollm2-finetuned": str(main["unadapted"]), "smollm2-adapted-finetuned": str(main["adapted"]),
+                   "smollm2-finetuned": first["unadapted"], "smollm2-adapted-finetuned": first["adapted"],
                    "hybrid": None}
+    lee_data = read_beir(lee_test, "test")
     report = {
         "preset": preset,
         "settings": {**dataclasses.asdict(s), "eval_queries": len(test.queries), "eval_passages": len(test.corpus),
-                     "train_queries_available": n_train, "query_prompt_choice": prompt_choice,
+                     "train_queries_available": n_train, "encoding_choice": encoding_choice,
                      "recipe": dataclasses.asdict(recipe), "recipe_choice": recipe_choice,
                      "fusion_choice": fusion_choice},
         "timings": timings,
-        "systems": {k: {"ndcg@10": v["ndcg@10"], "mrr@10": v["mrr@10"], "recall@100": v["recall@100"],
-                        "model": model_paths[k]} for k, v in systems.items()},
+        "systems": {k: {**summary(results["eval"][k]), "model": model_paths[k]} for k in systems},
+        "out_of_domain": {"task": "lee: ABC news, opening sentence -> rest of the story",
+                          "queries": len(lee_data.queries), "passages": len(lee_data.corpus),
+                          "systems": {k: summary(v) for k, v in results["lee-test"].items()}},
         "label_curve": curve,
     }
-    write_report(out, report, systems, main)
+    write_report(out, report, systems, {name: main[name][s.seeds[0]] for name in models})
     return report
 
 
@@ -468,24 +612,44 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
 
 
 def _choices(s: dict) -> list[str]:
-    """Report lines for the settings chosen on the dev split."""
-    lines = []
-    if s["query_prompt_choice"]:
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in s["query_prompt_choice"]["dev_ndcg@10"].items())
-        lines.append(f"Query prompt chosen on dev (adapted model, zero-shot nDCG@10: {scores}): {s['query_prompt']}.")
+    """Report lines for the settings chosen on the dev splits (BBC dev and Lee dev)."""
+    lines = [f"Training in {s['precision']}, encoding with the `{s['backend']}` backend."]
+    enc = s["encoding_choice"]
+    scores = "; ".join(f"{k} {v['mean']:.3f} ({', '.join(f'{d} {x:.3f}' for d, x in v.items() if d != 'mean')})"
+                       for k, v in enc["dev_ndcg@10"].items())
+    lines.append(f"Query prompt and passage length chosen on dev by the adapted model's zero-shot nDCG@10 (mean of "
+                 f"the dev sets; prompt/length: {scores}): {enc['chosen']}.")
+    if enc.get("backend_cost"):
+        cost = enc["backend_cost"]
+        lines.append(f"Measured cost of `{s['backend']}` against float32 on dev (adapted model, {enc['chosen']}): "
+                     f"mean nDCG@10 {cost[s['backend']]['mean']:.4f} against {cost['float32']['mean']:.4f} "
+                     f"({cost['difference']:+.4f}).")
     recipe = s["recipe"]
     how = "LoRA adapters" if recipe["lora"] else "all weights"
-    line = f"Fine-tuning recipe: {recipe['name']} ({how}, peak learning rate {recipe['learning_rate']:g})"
+    line = (f"Fine-tuning recipe: {recipe['name']} ({how}, peak learning rate {recipe['learning_rate']:g}, "
+            f"{recipe['negatives']} hard negatives)")
     if s["recipe_choice"]:
-        scores = "; ".join(f"{k} {v['mean']:.3f} (adapted {v['adapted']:.3f}, unadapted {v['unadapted']:.3f})"
-                           for k, v in s["recipe_choice"]["dev_ndcg@10"].items())
+        def row(v: dict) -> str:
+            return ", ".join(f"{m} {' / '.join(f'{x:.3f}' for x in v[m].values())}" for m in ("adapted", "unadapted"))
+
+        scores = "; ".join(f"{k} {v['mean']:.3f} ({row(v)})" for k, v in s["recipe_choice"]["dev_ndcg@10"].items())
         line += (f", chosen on dev by the mean nDCG@10 of both models fine-tuned on "
-                 f"{s['recipe_choice']['queries']} training queries: {scores}")
+                 f"{s['recipe_choice']['queries']} training queries (BBC dev / Lee dev): {scores}")
     lines.append(line + ".")
     if s.get("fusion_choice"):
         scores = ", ".join(f"{k} {v:.3f}" for k, v in list(s["fusion_choice"]["dev_ndcg@10"].items())[:4])
-        lines.append(f"Hybrid (bm25 with smollm2-adapted-finetuned): {s['fusion_choice']['label']}, chosen on dev "
-                     f"(nDCG@10 of the best candidates: {scores}).")
+        lines.append(f"Hybrid (bm25 with smollm2-adapted-finetuned): {s['fusion_choice']['label']}, chosen on BBC "
+                     f"dev (nDCG@10 of the best candidates: {scores}).")
+    return [f"- {x}" for x in lines] + [""]
+
+
+def _seed_table(systems: dict, seeds: list[int]) -> list[str]:
+    """nDCG@10 of every system for every seed, with the mean and half the range."""
+    lines = [f"| system | {' | '.join(f'seed {x}' for x in seeds)} | mean ± spread |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    for name, v in systems.items():
+        cells = [f"{x:.3f}" for x in v["seed_scores"]] + [""] * (len(seeds) - len(v["seed_scores"]))
+        lines.append(f"| {name} | {' | '.join(cells)} | {v['mean']:.3f} ± {v['spread']:.3f} |")
     return [*lines, ""]
 
 
@@ -506,7 +670,13 @@ def write_report(out: Path, report: dict, systems: dict, main: dict[str, Path]) 
     lines = [f"# llama2vec demo: preset `{report['preset']}`", "",
              f"BBC test protocol: {s['eval_queries']} headline queries, {s['eval_passages']} passages "
              f"(cut to {s['passage_max_length']} tokens). Scaled down: {s['scaled_down'] or 'nothing'}.", "",
-             *_choices(s), format_table(systems, ("ndcg@10", "mrr@10", "recall@100")), ""]
+             "Chosen on dev, never on test:", "", *_choices(s),
+             f"## BBC test (seed {s['seeds'][0]})", "", format_table(systems, ("ndcg@10", "mrr@10", "recall@100")), "",
+             "## BBC test nDCG@10 by seed (the fine-tuned systems and the hybrid depend on it)", "",
+             *_seed_table(report["systems"], s["seeds"])]
+    ood = report["out_of_domain"]
+    lines += [f"## Out of domain: {ood['task']} ({ood['queries']} queries, {ood['passages']} passages), nDCG@10",
+              "", *_seed_table(ood["systems"], s["seeds"])]
     if report["label_curve"]:
         lines += ["## Label curve (nDCG@10 on BBC test)", "", "| n | unadapted | adapted | seeds |",
                   "|---|---|---|---|"]
