@@ -90,9 +90,10 @@ PRESETS = {
     "full": DemoSettings(
         adapt_steps=200, adapt_batch=8, adapt_lr=1e-4,
         main_queries=240, finetune_batch=4, group_size=4,
-        passage_max_length=128, passage_lengths=[64, 128], query_max_length=32, eval_queries=None,
-        distractors=200, label_curve=[0, 16, 48, 240], seeds=[0, 1], recipes=NEGATIVES, recipe_queries=48,
-        scaled_down="adaptation chunks cut to 128 tokens; the 403 test queries against their own 403 passages "
+        passage_max_length=128, passage_lengths=[64, 128], adapt_max_length=64, query_max_length=32,
+        eval_queries=None, distractors=200, label_curve=[0, 16, 48, 240], seeds=[0, 1], recipes=NEGATIVES,
+        recipe_queries=48,
+        scaled_down="adaptation chunks cut to 64 tokens; the 403 test queries against their own 403 passages "
                     "plus 200 others (not the whole 2,089-passage corpus); fine-tuning on up to 240 of the 1,464 "
                     "training queries (one pass)",
     ),
