@@ -23,7 +23,7 @@ def test_lee_task_from_the_bundled_stories(tmp_path):
         # The query opens the story, the passage is the rest of it: together they are the story.
         assert " ".join(f"{query} {passage}".split()) == story
         assert len(query.split()) >= 6 and len(passage.split()) >= 30
-    assert test.queries["lee-001"].startswith("Hundreds of people have been forced to vacate their homes")
+    assert dev.queries["lee-001"].startswith("Hundreds of people have been forced to vacate their homes")
 
 
 def test_a_file_without_stories_is_refused(tmp_path):

@@ -4,7 +4,8 @@ BBC task. Query = the story's opening sentence (its lede); passage = the rest of
 relevant passage of a query is its own story's rest.
 
 - story id ``lee-NNN`` (line number of ``lee_background.cor``); an opening sentence under 6 words takes
-  the next sentence too; stories whose rest is under 30 words are dropped;
+  the next sentence too (a sentence ends at . ! or ?, closing quotes or brackets, then a space); stories
+  whose rest is under 30 words are dropped;
 - split by ``int(sha1(story_id).hexdigest(), 16) % 3``: 0 dev, otherwise test. Nothing is for training:
   the task only measures how a model trained on BBC headlines carries over.
 """
@@ -12,6 +13,7 @@ relevant passage of a query is its own story's rest.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 from .errors import Llama2VecError
@@ -32,18 +34,24 @@ def split_of(story_id: str) -> str:
     return "dev" if int(hashlib.sha1(story_id.encode("utf-8")).hexdigest(), 16) % 3 == 0 else "test"
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s+")
+
+
+def opening(text: str, min_words: int = 6) -> tuple[str, str]:
+    """(the text up to the first sentence end that leaves at least `min_words` words before it, the rest),
+    every character kept."""
+    for end in _SENTENCE_END.finditer(text):
+        if len(text[: end.end()].split()) >= min_words:
+            return text[: end.end()].strip(), text[end.end():].strip()
+    return text.strip(), ""
+
+
 def read_stories(path: Path | None = None) -> list[tuple[str, str, str]]:
     """(story id, lede, rest) of every kept story, in file order."""
-    from .data import split_sentences
-
     path = path or lee_file()
     out = []
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        sentences = split_sentences(line)
-        take = 1
-        while take < len(sentences) and len(" ".join(sentences[:take]).split()) < 6:
-            take += 1
-        lede, rest = " ".join(sentences[:take]), " ".join(sentences[take:])
+        lede, rest = opening(line)
         if len(rest.split()) >= 30:
             out.append((f"lee-{number:03d}", lede, rest))
     if not out:
