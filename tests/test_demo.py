@@ -145,3 +145,15 @@ def test_estimates_fit_the_presets():
     assert estimate_seconds(quick, 200, 150, (200, 150), bf16=True) < 15 * 60
     # dev: 222 queries, 422 passages; the estimates run high (the full preset's 101 minutes took 71).
     assert estimate_seconds(PRESETS["full"], 603, 403, (422, 222), bf16=True) < 120 * 60
+
+
+def test_precision_and_backend_follow_the_hardware(monkeypatch):
+    quick = PRESETS["quick"]
+    monkeypatch.setattr(demo_mod, "fast_bfloat16", lambda: True)
+    fast = demo_mod.resolve_speed(quick)
+    assert (fast.precision, fast.backend) == ("bf16-mixed", "torch-bfloat16")
+    monkeypatch.setattr(demo_mod, "fast_bfloat16", lambda: False)
+    slow = demo_mod.resolve_speed(quick)
+    assert (slow.precision, slow.backend) == ("fp32", "torch")
+    chosen = demo_mod.resolve_speed(dataclasses.replace(quick, precision="fp32", backend="onnx-int8"))
+    assert (chosen.precision, chosen.backend) == ("fp32", "onnx-int8")  # explicit settings are kept

@@ -209,7 +209,9 @@ def _demo(args: argparse.Namespace) -> None:
 
     from .demo import PRESETS, demo
 
-    settings = dataclasses.replace(PRESETS[args.preset], base_model=args.model) if args.model else None
+    changes = {k: v for k, v in (("base_model", args.model), ("precision", args.precision),
+                                 ("backend", args.backend)) if v}
+    settings = dataclasses.replace(PRESETS[args.preset], **changes) if changes else None
     demo(args.preset, args.output, args.force, settings)
 
 
@@ -401,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="Delete the output folder first and redo every stage.")
     p.add_argument("--model", default=None,
                    help="Run the demo on this causal LM (hub id or folder) instead of the bundled SmolLM2.")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16-mixed"], default=None,
+                   help="Training precision (default auto: bf16-mixed where bfloat16 products are fast, a GPU or "
+                        "a CPU with bfloat16 instructions; fp32 elsewhere).")
+    p.add_argument("--backend", choices=["auto", "torch", "torch-bfloat16"], default=None,
+                   help="How the SmolLM2 systems encode (default auto: torch-bfloat16 where bfloat16 products are "
+                        "fast, torch elsewhere).")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("plot", help="Plot the loss curves of a training run folder as a PNG.")
