@@ -79,6 +79,7 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch, caps
     for name in ("adapted", "unadapted"):  # every candidate was trained for both models
         for r in recipes["dev_ndcg@10"]:
             assert (out / "finetuned" / r / f"{name}-n4-s0" / "llama2vec_config.json").is_file()
+    assert not list(out.glob("**/checkpoints"))  # a finished run's checkpoints are dropped
     assert "Fine-tuning recipe:" in (out / "report.md").read_text()
     # The mined training file: the same queries and positives as train.jsonl, other negatives, never the positive.
     bm25_train = [json.loads(x) for x in (out / "data" / "bbc" / "train.jsonl").read_text().splitlines()]

@@ -273,6 +273,13 @@ def _done(folder: Path) -> bool:
     return (folder / "llama2vec_config.json").is_file()
 
 
+def _drop_checkpoints(folder: Path) -> None:
+    """A finished run's resumable checkpoints (weights and AdamW states, 1.5 GB each for SmolLM2) are
+    not needed once its model is saved: the full preset would otherwise keep about 60 GB of them."""
+    if _done(folder):
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+
+
 def run_adapt(corpus: Path, out: Path, s: DemoSettings) -> Path:
     from .adapt import adapt
     from .config import DataConfig, ModelConfig, PretextConfig, PromptConfig, TrainConfig
@@ -283,6 +290,7 @@ def run_adapt(corpus: Path, out: Path, s: DemoSettings) -> Path:
               TrainConfig(output=str(out), max_steps=s.adapt_steps, batch_size=s.adapt_batch,
                           learning_rate=s.adapt_lr, warmup_steps=max(1, s.adapt_steps // 20), logging_steps=1,
                           save_steps=25, resume=out.exists(), precision=s.precision))
+    _drop_checkpoints(out)
     return out
 
 
@@ -300,6 +308,7 @@ def run_finetune(model: str, train: Path, n: int | None, steps: int, seed: int, 
                                      lora=recipe.lora, learning_rate=recipe.learning_rate,
                                      warmup_steps=max(1, steps // 10), seed=seed, logging_steps=1,
                                      save_steps=25, resume=out.exists(), precision=s.precision))
+    _drop_checkpoints(out)
     return out
 
 
