@@ -107,7 +107,8 @@ PRESETS = {
 }
 
 # Rough CPU costs (2 cores, float32), from BENCHMARKS.md: seconds per token of work; bfloat16 on a CPU
-# with bfloat16 instructions takes about 0.55 of that (a SmolLM2 step: 7.1 s against 12.7 s).
+# with bfloat16 instructions takes 0.55-0.6 of that (`bench/precision.py`: a fine-tuning step 0.60-0.63,
+# encoding 0.54-0.58).
 _TRAIN_S_PER_TOKEN = 1 / 165
 _ENCODE_S_PER_TOKEN = 1 / 550
 _BF16 = 0.55
