@@ -221,15 +221,13 @@ def mine_adapted(encoder, bbc: Path, n: int, out: Path) -> Path:
     model, instead of BM25: from the same pool and ranks as those of `data bbc` (every BBC passage,
     15 from ranks 3-100, a passage whose text equals the positive's never)."""
     from .formats import beir_corpus, read_train, write_jsonl_rows
-    from .mine import mine_dense
+    from .mine import mine_dense, train_qrels
 
     if out.is_file():
         return out
     examples = read_train(bbc / "train.jsonl")[:n]
     corpus = {d: doc["text"] for d, doc in beir_corpus(bbc).items()}
-    by_text = {t: d for d, t in corpus.items()}
-    queries = {f"q{i}": e.query for i, e in enumerate(examples)}
-    qrels = {f"q{i}": {by_text[e.pos[0]]: 1} for i, e in enumerate(examples)}
+    queries, qrels = train_qrels(examples, corpus)
     negs = mine_dense(encoder, corpus, queries, qrels, 15, (3, 100), seed=0)
     write_jsonl_rows(out, ({"query": e.query, "pos": e.pos, "neg": [corpus[d] for d in negs[f"q{i}"]]}
                            for i, e in enumerate(examples)))

@@ -57,6 +57,22 @@ def mine_dense(encoder, corpus: dict[str, str], queries: dict[str, str], qrels: 
     return sample_negatives(run, {x: set(d) for x, d in qrels.items()}, n, rank_range, seed, corpus)
 
 
+def train_qrels(examples: list, texts: dict[str, str]) -> tuple[dict[str, str], Qrels]:
+    """Training examples as queries q0, q1, ... and qrels over `texts` (id -> passage text), a
+    positive found by its text. A positive outside `texts` is added to it, so that it can be excluded."""
+    by_text = {t: d for d, t in texts.items()}
+    queries = {f"q{i}": e.query for i, e in enumerate(examples)}
+    qrels: Qrels = {}
+    for i, e in enumerate(examples):
+        ids = {by_text[p] for p in e.pos if p in by_text}
+        qrels[f"q{i}"] = {d: 1 for d in ids}
+        if not ids:
+            for p in e.pos:
+                texts[f"x{len(texts)}"] = p
+                qrels[f"q{i}"][f"x{len(texts) - 1}"] = 1
+    return queries, qrels
+
+
 def mine(output: str | Path, train: str | None = None, dataset: str | None = None, split: str = "train",
          corpus: str | None = None, method: str = "bm25", model: str | None = None, negatives: int = 15,
          rank_range: tuple[int, int] = (10, 100), seed: int = 0, batch_size: int = 16) -> int:
@@ -76,16 +92,7 @@ def mine(output: str | Path, train: str | None = None, dataset: str | None = Non
         else:
             pool = dict.fromkeys(p for e in examples for p in e.pos + e.neg)
             texts = {f"p{i}": t for i, t in enumerate(pool)}
-        by_text = {t: d for d, t in texts.items()}
-        queries = {f"q{i}": e.query for i, e in enumerate(examples)}
-        qrels = {}
-        for i, e in enumerate(examples):
-            ids = {by_text[p] for p in e.pos if p in by_text}
-            qrels[f"q{i}"] = {d: 1 for d in ids}
-            if not ids:  # a positive outside the corpus: add it so that it can be excluded
-                for p in e.pos:
-                    texts[f"x{len(texts)}"] = p
-                    qrels[f"q{i}"][f"x{len(texts) - 1}"] = 1
+        queries, qrels = train_qrels(examples, texts)
     if not queries:
         raise Llama2VecError(f"{dataset or train}: no queries to mine negatives for")
     if not texts:
