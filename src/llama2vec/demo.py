@@ -268,6 +268,11 @@ class StageCache:
         return fingerprint_key(fp)
 
 
+def _mean_spread(scores: list[float]) -> tuple[float, float]:
+    """The mean over seeds and the spread, half the range."""
+    return statistics.mean(scores), (max(scores) - min(scores)) / 2
+
+
 def _done(folder: Path) -> bool:
     return (folder / "llama2vec_config.json").is_file()
 
@@ -564,8 +569,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     finetuned_eval("adapted", s.main_queries, s.seeds[0], dev, dev_runs[1])
     spec, table = choose_fusion([read_run(r) for r in dev_runs], read_beir(dev, "test").qrels)
     print(format_choice(table, ["bm25", "smollm2-adapted-finetuned"]))
-    for data, where in ((eval_set, evals), (lee_test, evals / "lee-test")):
-        qrels = read_beir(data, "test").qrels
+    lee_data = read_beir(lee_test, "test")
+    for data, where, qrels in ((eval_set, evals, test.qrels), (lee_test, evals / "lee-test", lee_data.qrels)):
         results[data.name]["hybrid"] = [evaluate_run(qrels, fuse([read_run(where / "bm25.trec"),
                                                                   read_run(aft_run(where, seed))], spec))
                                         for seed in s.seeds]
@@ -582,9 +587,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
                 scores = [systems["smollm2" if name == "unadapted" else "smollm2-adapted"]["ndcg@10"]]
             else:
                 scores = [finetuned_eval(name, n, seed)["ndcg@10"] for seed in s.seeds]
-            point[name] = statistics.mean(scores)
+            point[name], point[f"{name}_spread"] = _mean_spread(scores)
             point[f"{name}_scores"] = scores
-            point[f"{name}_spread"] = (max(scores) - min(scores)) / 2
         curve.append(point)
     stage("label_curve")
 
@@ -592,13 +596,12 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
         scores = [f["ndcg@10"] for f in figures]
         return {"ndcg@10": figures[0]["ndcg@10"], "mrr@10": figures[0]["mrr@10"],
                 "recall@100": figures[0]["recall@100"], "seed_scores": scores,
-                "mean": statistics.mean(scores), "spread": (max(scores) - min(scores)) / 2}
+                **dict(zip(("mean", "spread"), _mean_spread(scores)))}
 
     first = {name: str(main[name][s.seeds[0]]) for name in models}
     model_paths = {"bm25": None, "minilm": "minilm", "smollm2": s.base_model, "smollm2-adapted": str(adapted),
                    "smollm2-finetuned": first["unadapted"], "smollm2-adapted-finetuned": first["adapted"],
                    "hybrid": None}
-    lee_data = read_beir(lee_test, "test")
     report = {
         "preset": preset,
         "settings": {**dataclasses.asdict(s), "eval_queries": len(test.queries), "eval_passages": len(test.corpus),
