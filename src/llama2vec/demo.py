@@ -29,19 +29,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the demo fine-tunes: all weights or LoRA adapters (rank 16), the peak learning rate, and the
-    hard negatives: `bm25` (those of train.jsonl) or `adapted` (mined by the adapted model itself)."""
+    """How the demo fine-tunes: all weights or LoRA adapters (rank 16), the peak learning rate, the
+    hard negatives: `bm25` (those of train.jsonl) or `adapted` (mined by the adapted model itself), and
+    the passage length in tokens, for training and for encoding (None: the settings' passage_max_length)."""
 
     name: str
     lora: bool
     learning_rate: float
     negatives: str = "bm25"
+    passage_length: int | None = None
 
 
 FULL_2E5 = Recipe("full-lr2e-5", lora=False, learning_rate=2e-5)
 FULL_5E5 = Recipe("full-lr5e-5", lora=False, learning_rate=5e-5)
 RECIPES = [FULL_2E5, FULL_5E5, Recipe("lora-lr2e-4", lora=True, learning_rate=2e-4)]
-NEGATIVES = [FULL_5E5, Recipe("full-lr5e-5-adapted-negatives", lora=False, learning_rate=5e-5, negatives="adapted")]
+MINED = Recipe("full-lr5e-5-adapted-negatives", lora=False, learning_rate=5e-5, negatives="adapted")
 
 
 @dataclass
@@ -54,19 +56,17 @@ class DemoSettings:
     main_queries: int  # training queries of the main fine-tuned systems (one pass over them)
     finetune_batch: int
     group_size: int
-    passage_max_length: int  # tokens of a passage, prompt excluded (the first of `passage_lengths` when it lists some)
+    passage_max_length: int  # tokens of a passage, prompt excluded (a recipe may set its own)
     query_max_length: int
     eval_queries: int | None  # test queries evaluated (None: all 403)
     distractors: int | None  # passages besides the evaluated queries' own (None: the whole corpus)
     label_curve: list[int] = field(default_factory=list)  # n training queries (0 = no fine-tuning)
     seeds: list[int] = field(default_factory=lambda: [0])  # the main systems and every curve point run with each
     query_prompt: str = "auto"  # prompt for queries: next, self, or auto (the better on the dev split)
-    # Passage lengths to choose from on dev by the adapted model's zero-shot nDCG@10 (empty: passage_max_length).
-    passage_lengths: list[int] = field(default_factory=list)
     adapt_max_length: int | None = None  # tokens of an adaptation chunk (None: passage_max_length)
-    # Fine-tuning recipes; with more than one, the one with the best mean dev nDCG@10 of the adapted and
-    # the unadapted model (BBC dev and Lee dev), each fine-tuned on the first `recipe_queries` training
-    # queries, is used.
+    # Fine-tuning recipes (with their passage length); with more than one, the one with the best mean dev
+    # nDCG@10 of the adapted and the unadapted model (BBC dev and Lee dev), each fine-tuned on the first
+    # `recipe_queries` training queries, is used, and its passage length for every SmolLM2 system.
     recipes: list[Recipe] = field(default_factory=lambda: [FULL_2E5])
     recipe_queries: int = 48
     temperature: float = 0.02
@@ -89,26 +89,29 @@ PRESETS = {
     ),
     "full": DemoSettings(
         adapt_steps=200, adapt_batch=8, adapt_lr=1e-4,
-        main_queries=240, finetune_batch=4, group_size=4,
-        passage_max_length=128, passage_lengths=[64, 128], adapt_max_length=64, query_max_length=32,
-        eval_queries=None, distractors=200, label_curve=[0, 16, 48, 240], seeds=[0, 1], recipes=NEGATIVES,
+        main_queries=480, finetune_batch=4, group_size=4,
+        passage_max_length=128, adapt_max_length=64, query_max_length=32,
+        eval_queries=None, distractors=200, label_curve=[0, 16, 48, 480], seeds=[0, 1],
+        recipes=[FULL_5E5, dataclasses.replace(FULL_5E5, name="full-lr5e-5-64-tokens", passage_length=64)],
         recipe_queries=48,
         scaled_down="adaptation chunks cut to 64 tokens; the 403 test queries against their own 403 passages "
-                    "plus 200 others (not the whole 2,089-passage corpus); fine-tuning on up to 240 of the 1,464 "
+                    "plus 200 others (not the whole 2,089-passage corpus); fine-tuning on up to 480 of the 1,464 "
                     "training queries (one pass)",
     ),
     "paper": DemoSettings(
         adapt_steps=2000, adapt_batch=8, adapt_lr=5e-5,
         main_queries=1464, finetune_batch=4, group_size=8,
-        passage_max_length=128, passage_lengths=[128, 256], query_max_length=32, eval_queries=None,
-        distractors=None, label_curve=[0, 64, 256, 1464], seeds=[0, 1, 2], recipes=RECIPES + NEGATIVES[1:],
+        passage_max_length=128, query_max_length=32, eval_queries=None,
+        distractors=None, label_curve=[0, 64, 256, 1464], seeds=[0, 1, 2],
+        recipes=[*RECIPES, MINED, dataclasses.replace(FULL_5E5, name="full-lr5e-5-256-tokens", passage_length=256)],
         recipe_queries=256, ood_distractors=None,
     ),
 }
 
 # Rough CPU costs (2 cores, float32), from BENCHMARKS.md: seconds per token of work; bfloat16 on a CPU
 # with bfloat16 instructions takes 0.55-0.6 of that (`bench/precision.py`: a fine-tuning step 0.60-0.63,
-# encoding 0.54-0.58).
+# encoding 0.54-0.58). A fine-tuning step of the full preset at 128 tokens comes to 8.6 s in bfloat16
+# (measured: 7.2 s on a 2-core AMD EPYC with AVX-512 BF16).
 _TRAIN_S_PER_TOKEN = 1 / 165
 _ENCODE_S_PER_TOKEN = 1 / 550
 _BF16 = 0.55
@@ -149,29 +152,44 @@ def steps_for(n: int, s: DemoSettings) -> int:
     return max(1, n // s.finetune_batch)
 
 
+def with_length(s: DemoSettings, recipe: Recipe) -> DemoSettings:
+    """The settings a recipe trains and encodes with: its own passage length, if it has one."""
+    return dataclasses.replace(s, passage_max_length=recipe.passage_length or s.passage_max_length)
+
+
 def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tuple[int, int] = (0, 0),
                      bf16: bool = False) -> float:
-    """`n_dev`: passages and queries of the BBC dev set (the choices on dev encode it)."""
+    """`n_dev`: passages and queries of the BBC dev set (the choices on dev encode it). The main runs
+    are counted at the longest candidate passage length."""
     speed = _BF16 if bf16 else 1.0
-    length = max([s.passage_max_length, *s.passage_lengths])
+    lengths = [with_length(s, r).passage_max_length for r in s.recipes]
+    length = max(lengths)
     adapt = s.adapt_steps * s.adapt_batch * ((s.adapt_max_length or length) + 2 * _PROMPT_TOKENS) * _TRAIN_S_PER_TOKEN
-    step = s.finetune_batch * (s.group_size * (length + _PROMPT_TOKENS) + s.query_max_length)
+
+    def step(length: int) -> float:
+        return s.finetune_batch * (s.group_size * (length + _PROMPT_TOKENS) + s.query_max_length) * _TRAIN_S_PER_TOKEN
 
     def encode(passages: int, queries: int, length: int = length) -> float:
         return (passages * (length + _PROMPT_TOKENS) + queries * 40) * _ENCODE_S_PER_TOKEN
 
     lee_test, lee_dev = min(_LEE[0], _LEE[1] + (s.ood_distractors or _LEE[0])), _LEE[2] + (s.ood_distractors or 0)
     runs = finetune_runs(s)
-    extra = len(s.recipes) - 1  # candidate recipes beyond the one whose runs the curve reuses
-    steps = sum(steps_for(n, s) for n, _ in runs) + extra * steps_for(s.recipe_queries, s)
-    dev = encode(n_dev[0] + lee_dev, n_dev[1] + _LEE[2])
-    choices = (sum(encode(n_dev[0] + lee_dev, 0, n) for n in s.passage_lengths or [length]) + 2 * dev
-               + (2 * len(s.recipes) * dev if extra else 0.0))
-    mine = encode(2089, s.main_queries) if any(r.negatives == "adapted" for r in s.recipes) else 0.0
-    finetune = 2 * steps * step * _TRAIN_S_PER_TOKEN
+    finetune = sum(steps_for(n, s) for n, _ in runs) * step(length)
+
+    def dev(length: int = length) -> float:
+        return encode(n_dev[0] + lee_dev, n_dev[1] + _LEE[2], length)
+
+    # The prompt choice (both prompts) and the backend's cost, then both models per candidate recipe
+    # (the first candidate's runs are among the curve's when it is chosen).
+    choices = 2 * dev(s.passage_max_length) + dev(s.passage_max_length)
+    if len(s.recipes) > 1:
+        choices += sum(2 * dev(n) for n in lengths)
+        finetune += sum(2 * steps_for(s.recipe_queries, s) * step(n) for n in lengths[1:])
+    mined = any(r.negatives == "adapted" for r in s.recipes)
+    mine = encode(2089, s.main_queries, s.passage_max_length) if mined else 0.0
     evaluations = (2 + 2 * len(runs)) * encode(n_passages, n_queries) + (2 + 2 * len(s.seeds)) * encode(lee_test,
                                                                                                         _LEE[1])
-    return 90 + speed * (adapt + finetune + choices + mine + evaluations + dev)
+    return 90 + speed * (adapt + finetune + choices + mine + evaluations + dev())
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,9 +378,9 @@ def evaluate_system(system: str, data: Path, out: Path, s: DemoSettings, run_fil
 
 def choose_encoding(adapted: Path, devs: dict[str, Path], out: Path, s: DemoSettings) -> dict:
     """On the dev splits (never test): the adapted model's zero-shot nDCG@10 with the NEXT and the SELF
-    prompt for queries (unless the settings fix one), at each candidate passage length, on every dev
-    set; the best mean over the dev sets is used for every SmolLM2 system. Then the cost of the fast
-    backend: the chosen encoding's dev nDCG@10 with the backend against float32. Cached in `out`."""
+    prompt for queries (unless the settings fix one) on every dev set; the best mean over the dev sets
+    is used for every SmolLM2 system. Then the cost of the fast backend: the chosen prompt's dev
+    nDCG@10 with the backend against float32. Cached in `out`."""
     from .formats import read_beir
     from .index import exact_search
     from .metrics import evaluate_run
@@ -373,35 +391,27 @@ def choose_encoding(adapted: Path, devs: dict[str, Path], out: Path, s: DemoSett
         return cached
     sets = {name: read_beir(path, "test") for name, path in devs.items()}
 
-    def scores(enc, lengths: list[int], tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    def scores(enc, tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:
         table: dict[str, dict[str, float]] = {}
         for name, data in sets.items():
             doc_ids, qids = list(data.corpus), list(data.queries)
-            queries = {}
+            passages = enc.encode_corpus([data.corpus[d] for d in doc_ids])
             for task in tasks:
                 enc.spec.query_task = task
-                queries[task] = enc.encode_queries([data.queries[q] for q in qids])
-            for length in lengths:
-                enc.spec.max_length = length
-                passages = enc.encode_corpus([data.corpus[d] for d in doc_ids])
-                for task in tasks:
-                    run = exact_search(queries[task], passages, qids, doc_ids, 100)
-                    table.setdefault(f"{task}/{length}", {})[name] = evaluate_run(data.qrels, run)["ndcg@10"]
+                run = exact_search(enc.encode_queries([data.queries[q] for q in qids]), passages, qids, doc_ids, 100)
+                table.setdefault(task, {})[name] = evaluate_run(data.qrels, run)["ndcg@10"]
         for row in table.values():
             row["mean"] = statistics.mean(row.values())
         return table
 
-    lengths = s.passage_lengths or [s.passage_max_length]
-    enc = load_llm_encoder(str(adapted), s)
-    table = scores(enc, lengths, ("next", "self") if s.query_prompt == "auto" else (s.query_prompt,))
-    # The best mean; ties go to the method's NEXT prompt and the shorter passages.
-    best = max(table, key=lambda k: (table[k]["mean"], k.startswith("next"), -int(k.split("/")[1])))
-    task, length = best.split("/")
-    choice = {"dev_ndcg@10": table, "chosen": best, "query_prompt": task, "passage_max_length": int(length),
+    tasks = ("next", "self") if s.query_prompt == "auto" else (s.query_prompt,)
+    table = scores(load_llm_encoder(str(adapted), s), tasks)
+    best = max(table, key=lambda k: (table[k]["mean"], k == "next"))  # a tie goes to the method's NEXT prompt
+    choice = {"dev_ndcg@10": table, "chosen": best, "query_prompt": best, "passage_max_length": s.passage_max_length,
               "backend": s.backend}
-    if s.backend != "torch":  # the backend's measured cost: the chosen encoding again in float32
-        chosen = dataclasses.replace(s, query_prompt=task, passage_max_length=int(length))
-        exact = scores(load_llm_encoder(str(adapted), chosen, backend="torch"), [int(length)], (task,))[best]
+    if s.backend != "torch":  # the backend's measured cost: the chosen prompt again in float32
+        exact = scores(load_llm_encoder(str(adapted), dataclasses.replace(s, query_prompt=best), backend="torch"),
+                       (best,))[best]
         choice["backend_cost"] = {"float32": exact, s.backend: table[best],
                                   "difference": table[best]["mean"] - exact["mean"]}
     write_json(out, choice)
@@ -474,31 +484,30 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     adapted = run_adapt(corpus, out / "adapted", s)
     stage("adapt")
 
-    # Chosen on dev (BBC dev and Lee dev, never test): the query prompt and the passage length.
+    # Chosen on dev (BBC dev and Lee dev, never test): the query prompt.
     choice_file = out / "eval" / "encoding_dev.json"
     cache.claim(choice_file, model=adapted_key, dev=[sets[dev], sets[lee_dev]], query_prompt=s.query_prompt,
-                lengths=s.passage_lengths or [s.passage_max_length], query_max_length=s.query_max_length,
-                backend=s.backend)
+                passage_max_length=s.passage_max_length, query_max_length=s.query_max_length, backend=s.backend)
     encoding_choice = choose_encoding(adapted, {"bbc": dev, "lee": lee_dev}, choice_file, s)
-    s = dataclasses.replace(s, query_prompt=encoding_choice["query_prompt"],
-                            passage_max_length=encoding_choice["passage_max_length"])
-    print(f"chosen on dev: query prompt {s.query_prompt}, passages of {s.passage_max_length} tokens "
-          f"{encoding_choice['dev_ndcg@10']}")
+    s = dataclasses.replace(s, query_prompt=encoding_choice["query_prompt"])
+    print(f"chosen on dev: query prompt {s.query_prompt} {encoding_choice['dev_ndcg@10']}")
     stage("choose_encoding")
 
     models = {"unadapted": s.base_model, "adapted": str(adapted)}
     model_keys = {s.base_model: base_key, str(adapted): adapted_key, "bm25": "bm25", "minilm": "minilm"}
     evals = out / "eval"
-    # What every fine-tuning run and every evaluation of a SmolLM2 system share.
-    common = dict(query_prompt=s.query_prompt, query_max_length=s.query_max_length,
-                  passage_max_length=s.passage_max_length, backend=s.backend)
+
+    def common(st: DemoSettings) -> dict:
+        """What a fine-tuning run or an evaluation of a SmolLM2 system depends on besides its model."""
+        return dict(query_prompt=st.query_prompt, query_max_length=st.query_max_length,
+                    passage_max_length=st.passage_max_length, backend=st.backend)
 
     train_files = {"bm25": bbc / "train.jsonl"}
     train_keys = {"bm25": data_key}
     if any(r.negatives == "adapted" for r in s.recipes):
         need = max([s.main_queries, s.recipe_queries, *s.label_curve])
         mined = out / "data" / "train_adapted_negatives.jsonl"
-        train_keys["adapted"] = cache.claim(mined, model=adapted_key, data=data_key, n=need, **common)
+        train_keys["adapted"] = cache.claim(mined, model=adapted_key, data=data_key, n=need, **common(s))
         if not mined.is_file():
             mine_adapted(load_llm_encoder(str(adapted), s), bbc, need, mined)
         train_files["adapted"] = mined
@@ -506,20 +515,24 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
 
     def finetuned(name: str, n: int, seed: int, recipe: Recipe) -> Path:
         folder = out / "finetuned" / recipe.name / f"{name}-n{n}-s{seed}"
+        st = with_length(s, recipe)
         model_keys[str(folder)] = cache.claim(
             folder, model=model_keys[models[name]], data=train_keys[recipe.negatives], n=n, steps=steps_for(n, s),
             seed=seed, recipe=dataclasses.asdict(recipe), batch=s.finetune_batch, group_size=s.group_size,
-            temperature=s.temperature, precision=s.precision, **common)
-        return run_finetune(models[name], train_files[recipe.negatives], n, steps_for(n, s), seed, folder, s, recipe)
+            temperature=s.temperature, precision=s.precision, **common(st))
+        return run_finetune(models[name], train_files[recipe.negatives], n, steps_for(n, s), seed, folder, st, recipe)
 
-    def run_eval(system: str, data: Path, metrics: Path, run_file: Path | None = None) -> dict:
-        """`evaluate_system` of a stage whose inputs are fingerprinted (its run file with it)."""
-        key = cache.claim(metrics, system=model_keys[system], data=sets[data], **common)
+    def run_eval(system: str, data: Path, metrics: Path, run_file: Path | None = None,
+                 st: DemoSettings | None = None) -> dict:
+        """`evaluate_system` of a stage whose inputs are fingerprinted (its run file with it); `st`: the
+        settings it encodes with (default: the demo's, once the recipe and its length are chosen)."""
+        st = st or s
+        key = cache.claim(metrics, system=model_keys[system], data=sets[data], **common(st))
         if run_file is not None:
             cache.claim(run_file, metrics=key)
             if not run_file.is_file():
                 metrics.unlink(missing_ok=True)
-        return evaluate_system(system, data, metrics, s, run_file)
+        return evaluate_system(system, data, metrics, st, run_file)
 
     recipe_choice = None
     recipe = s.recipes[0]
@@ -529,12 +542,14 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
             row: dict = {}
             for name in models:
                 folder = str(finetuned(name, s.recipe_queries, s.seeds[0], candidate))
-                row[name] = {d: run_eval(folder, data, evals / d / candidate.name / f"{name}.json")["ndcg@10"]
+                row[name] = {d: run_eval(folder, data, evals / d / candidate.name / f"{name}.json",
+                                         st=with_length(s, candidate))["ndcg@10"]
                              for d, data in (("dev", dev), ("lee-dev", lee_dev))}
             dev_scores[candidate.name] = {**row, "mean": statistics.mean(v for r in row.values() for v in r.values())}
         recipe = max(s.recipes, key=lambda r: dev_scores[r.name]["mean"])
         recipe_choice = {"queries": s.recipe_queries, "dev_ndcg@10": dev_scores, "chosen": recipe.name}
         print(f"fine-tuning recipe chosen on the dev splits: {recipe.name} {dev_scores}")
+    s = with_length(s, recipe)  # every SmolLM2 system from here on reads passages of the recipe's length
     stage("choose_recipe")
 
     def finetuned_eval(name: str, n: int, seed: int, data: Path = eval_set, run_file: Path | None = None) -> dict:
@@ -629,8 +644,8 @@ def _choices(s: dict) -> list[str]:
     enc = s["encoding_choice"]
     scores = "; ".join(f"{k} {v['mean']:.3f} ({', '.join(f'{d} {x:.3f}' for d, x in v.items() if d != 'mean')})"
                        for k, v in enc["dev_ndcg@10"].items())
-    lines.append(f"Query prompt and passage length chosen on dev by the adapted model's zero-shot nDCG@10 (mean of "
-                 f"the dev sets; prompt/length: {scores}): {enc['chosen']}.")
+    lines.append(f"Query prompt chosen on dev by the adapted model's zero-shot nDCG@10 at {enc['passage_max_length']} "
+                 f"tokens (mean of the dev sets; {scores}): {enc['chosen']}.")
     if enc.get("backend_cost"):
         cost = enc["backend_cost"]
         lines.append(f"Measured cost of `{s['backend']}` against float32 on dev (adapted model, {enc['chosen']}): "
@@ -639,7 +654,7 @@ def _choices(s: dict) -> list[str]:
     recipe = s["recipe"]
     how = "LoRA adapters" if recipe["lora"] else "all weights"
     line = (f"Fine-tuning recipe: {recipe['name']} ({how}, peak learning rate {recipe['learning_rate']:g}, "
-            f"{recipe['negatives']} hard negatives)")
+            f"{recipe['negatives']} hard negatives, passages of {s['passage_max_length']} tokens)")
     if s["recipe_choice"]:
         def row(v: dict) -> str:
             return ", ".join(f"{m} {' / '.join(f'{x:.3f}' for x in v[m].values())}" for m in ("adapted", "unadapted"))
