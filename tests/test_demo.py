@@ -152,8 +152,10 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch, caps
 def test_estimates_fit_the_presets():
     quick = PRESETS["quick"]
     assert estimate_seconds(quick, 200, 150, (200, 150), bf16=True) < 15 * 60
-    # dev: 222 queries, 422 passages; the estimates run high (the full preset's 110 minutes took 61).
-    assert estimate_seconds(PRESETS["full"], 603, 403, (422, 222), bf16=True) < 120 * 60
+    # dev: 222 queries, 422 passages. The full preset's run took 118 minutes on a 2-core CPU with bfloat16
+    # instructions: its estimate stays within 10% of that.
+    full = estimate_seconds(PRESETS["full"], 603, 403, (422, 222), bf16=True)
+    assert 118 * 60 * 0.9 < full < 118 * 60 * 1.1
 
 
 def test_precision_and_backend_follow_the_hardware(monkeypatch):

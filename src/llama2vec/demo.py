@@ -110,9 +110,10 @@ PRESETS = {
 
 # Rough CPU costs (2 cores, float32), from BENCHMARKS.md: seconds per token of work; bfloat16 on a CPU
 # with bfloat16 instructions takes 0.55-0.6 of that (`bench/precision.py`: a fine-tuning step 0.60-0.63,
-# encoding 0.54-0.58). A fine-tuning step of the full preset at 128 tokens comes to 8.6 s in bfloat16
-# (measured: 7.2 s on a 2-core AMD EPYC with AVX-512 BF16).
+# encoding 0.54-0.58). Fine-tuning: the full preset's run took 7.2-7.8 s a step (4 queries x 4 passages of
+# 128 tokens) in bfloat16 on a 2-core AMD EPYC with AVX-512 BF16, data, saving and loading included.
 _TRAIN_S_PER_TOKEN = 1 / 165
+_FINETUNE_S_PER_TOKEN = 1 / 190
 _ENCODE_S_PER_TOKEN = 1 / 550
 _BF16 = 0.55
 _PROMPT_TOKENS = 25
@@ -167,14 +168,15 @@ def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tu
     adapt = s.adapt_steps * s.adapt_batch * ((s.adapt_max_length or length) + 2 * _PROMPT_TOKENS) * _TRAIN_S_PER_TOKEN
 
     def step(length: int) -> float:
-        return s.finetune_batch * (s.group_size * (length + _PROMPT_TOKENS) + s.query_max_length) * _TRAIN_S_PER_TOKEN
+        tokens = s.finetune_batch * (s.group_size * (length + _PROMPT_TOKENS) + s.query_max_length)
+        return tokens * _FINETUNE_S_PER_TOKEN
 
     def encode(passages: int, queries: int, length: int = length) -> float:
         return (passages * (length + _PROMPT_TOKENS) + queries * 40) * _ENCODE_S_PER_TOKEN
 
     lee_test, lee_dev = min(_LEE[0], _LEE[1] + (s.ood_distractors or _LEE[0])), _LEE[2] + (s.ood_distractors or 0)
     runs = finetune_runs(s)
-    finetune = sum(steps_for(n, s) for n, _ in runs) * step(length)
+    finetune = 2 * sum(steps_for(n, s) for n, _ in runs) * step(length)  # both models
 
     def dev(length: int = length) -> float:
         return encode(n_dev[0] + lee_dev, n_dev[1] + _LEE[2], length)
