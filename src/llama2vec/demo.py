@@ -183,7 +183,7 @@ def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tu
 
     # The prompt choice (both prompts) and the backend's cost, then both models per candidate recipe
     # (the first candidate's runs are among the curve's when it is chosen).
-    choices = 2 * dev(s.passage_max_length) + dev(s.passage_max_length)
+    choices = 3 * dev(s.passage_max_length)
     if len(s.recipes) > 1:
         choices += sum(2 * dev(n) for n in lengths)
         finetune += sum(2 * steps_for(s.recipe_queries, s) * step(n) for n in lengths[1:])
