@@ -5,10 +5,16 @@ and appended to DEMO/dev_runs.jsonl.
     python bench/demo_dev.py --demo runs/demo-full --queries 480 --passage-length 64
     python bench/demo_dev.py --demo runs/demo-full --queries 240 --passage-length 128
     python bench/demo_dev.py --demo runs/demo-full --model-folder runs/demo-full/finetuned/full-lr5e-5/unadapted-n240-s0
+    python bench/demo_dev.py --demo runs/demo-full --queries 480 --passage-length 128 --lr 2e-5
+    python bench/demo_dev.py --demo runs/demo-full --queries 480 --passage-length 128 --adapt-length 128
+
+With --adapt-length, --adapt-lr or --adapt-steps, the SmolLM2 model is first adapted afresh with those
+settings (the demo's own `run_adapt` on its adaptation corpus; the preset's for the rest), scored zero-shot
+on the dev sets, and then fine-tuned.
 
 The fine-tuning is the demo's own (`run_finetune`: its preset's batch, group size, temperature and
 precision, the chosen query prompt, seed 0, lr 5e-5 on all weights, BM25 negatives, one pass), and so is
-the scoring (`evaluate_system`, with the preset's backend).
+the scoring (`evaluate_system`, with the preset's backend); --lr changes the peak learning rate.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from llama2vec.demo import FULL_5E5, PRESETS, resolve_speed, run_finetune, steps_for
+from llama2vec.demo import FULL_5E5, PRESETS, resolve_speed, run_adapt, run_finetune, steps_for
 from llama2vec.demo import evaluate_system as score
 
 
@@ -33,21 +39,41 @@ def main() -> None:
     parser.add_argument("--passage-length", type=int, default=64)
     parser.add_argument("--base", choices=["adapted", "unadapted"], default="adapted")
     parser.add_argument("--model-folder", help="Score this fine-tuned folder instead of training one.")
+    parser.add_argument("--lr", type=float, default=FULL_5E5.learning_rate, help="Peak fine-tuning learning rate.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adapt-length", type=int, help="Adapt afresh on chunks of this many tokens.")
+    parser.add_argument("--adapt-lr", type=float, help="Adapt afresh with this peak learning rate.")
+    parser.add_argument("--adapt-steps", type=int, help="Adapt afresh for this many steps.")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     demo = Path(args.demo)
     report = json.loads((demo / "report.json").read_text())
     s = resolve_speed(dataclasses.replace(PRESETS[args.preset], query_prompt=report["settings"]["query_prompt"],
                                           passage_max_length=args.passage_length))
-    name = f"{args.base}-n{args.queries}-p{args.passage_length}"
+    fresh = any(v is not None for v in (args.adapt_length, args.adapt_lr, args.adapt_steps))
+    adapted = demo / "adapted"
+    row: dict = {}
+    if fresh:
+        a = dataclasses.replace(s, adapt_max_length=args.adapt_length or s.adapt_max_length,
+                                adapt_lr=args.adapt_lr or s.adapt_lr, adapt_steps=args.adapt_steps or s.adapt_steps)
+        adapted = demo / "dev_runs" / f"adapted-L{a.adapt_max_length}-lr{a.adapt_lr:g}-s{a.adapt_steps}"
+        t = time.time()
+        run_adapt(demo / "data" / "adapt_corpus.jsonl", adapted, a)
+        row.update(adapted=str(adapted), adapt_s=round(time.time() - t))
+        for dev in ("dev", "lee-dev"):
+            out = demo / "dev_runs" / f"{adapted.name}-p{args.passage_length}-{dev}.json"
+            row[f"zero-shot-{dev}"] = score(str(adapted), demo / "data" / dev, out, s)["ndcg@10"]
+    base_tag = adapted.name if fresh else args.base
+    name = f"{base_tag}-n{args.queries}-p{args.passage_length}-lr{args.lr:g}-s{args.seed}"
     folder = Path(args.model_folder) if args.model_folder else demo / "dev_runs" / name
     t = time.time()
     if not args.model_folder:
-        base = str(demo / "adapted") if args.base == "adapted" else s.base_model
-        run_finetune(base, demo / "data" / "bbc" / "train.jsonl", args.queries, steps_for(args.queries, s), 0,
-                     folder, s, FULL_5E5)
-    row: dict = {"model": str(folder), "queries": args.queries, "passage_length": args.passage_length,
-                 "train_s": round(time.time() - t)}
+        base = str(adapted) if args.base == "adapted" else s.base_model
+        recipe = dataclasses.replace(FULL_5E5, learning_rate=args.lr)
+        run_finetune(base, demo / "data" / "bbc" / "train.jsonl", args.queries, steps_for(args.queries, s),
+                     args.seed, folder, s, recipe)
+    row.update({"model": str(folder), "queries": args.queries, "passage_length": args.passage_length,
+                "lr": args.lr, "seed": args.seed, "train_s": round(time.time() - t)})
     for dev in ("dev", "lee-dev"):
         out = demo / "dev_runs" / f"{folder.name}-p{args.passage_length}-{dev}.json"
         row[dev] = score(str(folder), demo / "data" / dev, out, s)["ndcg@10"]
