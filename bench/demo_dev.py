@@ -10,7 +10,12 @@ and appended to DEMO/dev_runs.jsonl.
 
 With --adapt-length, --adapt-lr or --adapt-steps, the SmolLM2 model is first adapted afresh with those
 settings (the demo's own `run_adapt` on its adaptation corpus; the preset's for the rest), scored zero-shot
-on the dev sets, and then fine-tuned.
+on the dev sets, and then fine-tuned. With --interpolate A, the fine-tuned weights are mixed with those
+of the model they were fine-tuned from (A x fine-tuned + (1 - A) x base; rows of placeholders the base
+lacks start from the mean row, as fine-tuning initialised them) and the mix is scored instead:
+
+    python bench/demo_dev.py --demo runs/demo-full --base unadapted --passage-length 128 --interpolate 0.8 \
+        --model-folder runs/demo-full/finetuned/full-lr5e-5/unadapted-n480-s0
 
 The fine-tuning is the demo's own (`run_finetune`: its preset's batch, group size, temperature and
 precision, the chosen query prompt, seed 0, lr 5e-5 on all weights, BM25 negatives, one pass), and so is
@@ -22,13 +27,38 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from llama2vec.demo import FULL_5E5, PRESETS, resolve_speed, run_adapt, run_finetune, steps_for
 from llama2vec.demo import evaluate_system as score
+from llama2vec.models import resolve_model_path
+
+
+def interpolate(tuned: Path, base: Path, alpha: float, out: Path) -> Path:
+    """A model folder like `tuned` whose weights are alpha x tuned + (1 - alpha) x base."""
+    from safetensors.torch import load_file
+
+    from llama2vec.store import atomic_folder
+
+    if (out / "model.safetensors").is_file():
+        return out
+    a, b = load_file(tuned / "model.safetensors"), load_file(base / "model.safetensors")
+    mixed = {}
+    for key, w in a.items():
+        w0 = b[key].float()
+        if w0.shape != w.shape:  # placeholder rows added at fine-tuning, initialised to the mean row
+            w0 = torch.cat([w0, w0.mean(0, keepdim=True).expand(w.shape[0] - w0.shape[0], -1)])
+        mixed[key] = (alpha * w.float() + (1 - alpha) * w0).to(w.dtype).contiguous()
+    with atomic_folder(out) as tmp:
+        shutil.copytree(tuned, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors", "logs",
+                                                                                        "checkpoints", "log.jsonl"))
+        save_file(mixed, tmp / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 def main() -> None:
@@ -44,6 +74,7 @@ def main() -> None:
     parser.add_argument("--adapt-length", type=int, help="Adapt afresh on chunks of this many tokens.")
     parser.add_argument("--adapt-lr", type=float, help="Adapt afresh with this peak learning rate.")
     parser.add_argument("--adapt-steps", type=int, help="Adapt afresh for this many steps.")
+    parser.add_argument("--interpolate", type=float, help="Score A x fine-tuned + (1 - A) x base weights.")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     demo = Path(args.demo)
@@ -74,6 +105,11 @@ def main() -> None:
                      args.seed, folder, s, recipe)
     row.update({"model": str(folder), "queries": args.queries, "passage_length": args.passage_length,
                 "lr": args.lr, "seed": args.seed, "train_s": round(time.time() - t)})
+    if args.interpolate is not None:
+        base = str(adapted) if args.base == "adapted" else resolve_model_path(s.base_model)
+        mixed = demo / "dev_runs" / f"{folder.name}-a{args.interpolate:g}"
+        folder = interpolate(folder, Path(base), args.interpolate, mixed)
+        row.update(model=str(folder), interpolate=args.interpolate)
     for dev in ("dev", "lee-dev"):
         out = demo / "dev_runs" / f"{folder.name}-p{args.passage_length}-{dev}.json"
         row[dev] = score(str(folder), demo / "data" / dev, out, s)["ndcg@10"]
