@@ -18,8 +18,9 @@ lacks start from the mean row, as fine-tuning initialised them) and the mix is s
         --model-folder runs/demo-full/finetuned/full-lr5e-5/unadapted-n480-s0
 
 The fine-tuning is the demo's own (`run_finetune`: its preset's batch, group size, temperature and
-precision, the chosen query prompt, seed 0, lr 5e-5 on all weights, BM25 negatives, one pass), and so is
-the scoring (`evaluate_system`, with the preset's backend); --lr changes the peak learning rate.
+precision, the chosen query prompt, lr 5e-5 on all weights, BM25 negatives, one pass), and so is
+the scoring (`evaluate_system`, with the preset's backend); --lr changes the peak learning rate, --seed
+the seed (0 by default).
 """
 
 from __future__ import annotations
