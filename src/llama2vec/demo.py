@@ -88,7 +88,7 @@ PRESETS = {
                     "150 test queries against a corpus of their own 150 passages plus 50 others, cut to 64 tokens",
     ),
     "full": DemoSettings(
-        adapt_steps=200, adapt_batch=8, adapt_lr=1e-4,
+        adapt_steps=200, adapt_batch=8, adapt_lr=3e-5,
         main_queries=480, finetune_batch=4, group_size=4,
         passage_max_length=128, adapt_max_length=64, query_max_length=32,
         eval_queries=None, distractors=200, label_curve=[0, 16, 48, 480], seeds=[0, 1],
