@@ -20,7 +20,7 @@ lacks start from the mean row, as fine-tuning initialised them) and the mix is s
 The fine-tuning is the demo's own (`run_finetune`: its preset's batch, group size, temperature and
 precision, the chosen query prompt, lr 5e-5 on all weights, BM25 negatives, one pass), and so is
 the scoring (`evaluate_system`, with the preset's backend); --lr changes the peak learning rate, --seed
-the seed (0 by default).
+the seed (0 by default), --query-prompt the query prompt (the demo's chosen one by default).
 """
 
 from __future__ import annotations
@@ -75,12 +75,15 @@ def main() -> None:
     parser.add_argument("--adapt-length", type=int, help="Adapt afresh on chunks of this many tokens.")
     parser.add_argument("--adapt-lr", type=float, help="Adapt afresh with this peak learning rate.")
     parser.add_argument("--adapt-steps", type=int, help="Adapt afresh for this many steps.")
+    parser.add_argument("--query-prompt", choices=["next", "self"],
+                        help="Fine-tune and score with this query prompt (default: the demo's chosen one).")
     parser.add_argument("--interpolate", type=float, help="Score A x fine-tuned + (1 - A) x base weights.")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     demo = Path(args.demo)
     report = json.loads((demo / "report.json").read_text())
-    s = resolve_speed(dataclasses.replace(PRESETS[args.preset], query_prompt=report["settings"]["query_prompt"],
+    prompt = args.query_prompt or report["settings"]["query_prompt"]
+    s = resolve_speed(dataclasses.replace(PRESETS[args.preset], query_prompt=prompt,
                                           passage_max_length=args.passage_length))
     fresh = any(v is not None for v in (args.adapt_length, args.adapt_lr, args.adapt_steps))
     adapted = demo / "adapted"
@@ -97,6 +100,8 @@ def main() -> None:
             row[f"zero-shot-{dev}"] = score(str(adapted), demo / "data" / dev, out, s)["ndcg@10"]
     base_tag = adapted.name if fresh else args.base
     name = f"{base_tag}-n{args.queries}-p{args.passage_length}-lr{args.lr:g}-s{args.seed}"
+    if args.query_prompt:
+        name += f"-q{args.query_prompt}"
     folder = Path(args.model_folder) if args.model_folder else demo / "dev_runs" / name
     t = time.time()
     if not args.model_folder:
@@ -104,8 +109,9 @@ def main() -> None:
         recipe = dataclasses.replace(FULL_5E5, learning_rate=args.lr)
         run_finetune(base, demo / "data" / "bbc" / "train.jsonl", args.queries, steps_for(args.queries, s),
                      args.seed, folder, s, recipe)
-    row.update({"model": str(folder), "queries": args.queries, "passage_length": args.passage_length,
-                "lr": args.lr, "seed": args.seed, "train_s": round(time.time() - t)})
+    row.update({"model": str(folder), "query_prompt": prompt, "queries": args.queries,
+                "passage_length": args.passage_length, "lr": args.lr, "seed": args.seed,
+                "train_s": round(time.time() - t)})
     if args.interpolate is not None:
         base = str(adapted) if args.base == "adapted" else resolve_model_path(s.base_model)
         mixed = demo / "dev_runs" / f"{folder.name}-a{args.interpolate:g}"
