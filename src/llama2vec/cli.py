@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .config import (
     FINETUNE_CONFIGS,
@@ -239,7 +240,12 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama2vec", description=DESCRIPTION)
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Show every log record, other libraries' DEBUG and INFO included (by default the "
+                             "console shows llama2vec's own messages and other libraries' errors only).")
+    parser.add_argument("--log-file", default=None,
+                        help="Also write log records to this file, other libraries' included (they then leave the "
+                             "console but for errors). The demo keeps one in its output folder: llama2vec.log.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="Write the embedded default data sets.")
@@ -405,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Run the demo on this causal LM (hub id or folder) instead of the bundled SmolLM2.")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16-mixed"], default=None,
                    help="Training precision (default auto: bf16-mixed where bfloat16 products are fast, a GPU or "
-                        "a CPU with bfloat16 instructions; fp32 elsewhere).")
+                        "a CPU with bfloat16 instructions such as AVX-512 BF16; fp32 elsewhere). On a CPU, the "
+                        "environment variable LLAMA2VEC_CPU_BF16=1 or 0 forces what auto takes for both choices.")
     p.add_argument("--backend", choices=["auto", "torch", "torch-bfloat16"], default=None,
                    help="How the SmolLM2 systems encode (default auto: torch-bfloat16 where bfloat16 products are "
                         "fast, torch elsewhere).")
@@ -430,13 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .logs import add_log_file, setup_logging
+
+    setup_logging(args.verbose)
+    if args.log_file:
+        add_log_file(Path(args.log_file))
     for noisy in ("httpx", "urllib3", "filelock", "gensim", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*")
     func = args.func
-    del args.verbose
+    del args.verbose, args.log_file
     try:
         func(args)
     except Llama2VecError as e:

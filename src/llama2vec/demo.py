@@ -77,6 +77,7 @@ class DemoSettings:
     ood_distractors: int | None = 100  # Lee passages besides the evaluated queries' own (None: all)
     scaled_down: str = ""
     base_model: str = "smollm2"
+    speed_reason: str = ""  # why `precision` and `backend` came out as they did (filled by resolve_speed)
 
 
 PRESETS = {
@@ -120,24 +121,18 @@ _PROMPT_TOKENS = 25
 _LEE = (300, 190, 110)  # Lee passages, test and dev queries
 
 
-def fast_bfloat16() -> bool:
-    """Whether bfloat16 products run fast here: a CUDA GPU, or a CPU whose oneDNN has bfloat16 kernels."""
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_speed(s: DemoSettings) -> DemoSettings:
-    """The settings with `precision` and `backend` resolved from auto."""
-    fast = fast_bfloat16()
+    """The settings with `precision` and `backend` resolved from auto, and why (`speed_reason`)."""
+    from .models import fast_bfloat16
+
+    fast, why = fast_bfloat16()
     precision = s.precision if s.precision != "auto" else ("bf16-mixed" if fast else "fp32")
     backend = s.backend if s.backend != "auto" else ("torch-bfloat16" if fast else "torch")
-    return dataclasses.replace(s, precision=precision, backend=backend)
+    if s.precision != "auto" and s.backend != "auto":
+        why = "set explicitly"
+    elif s.precision != "auto" or s.backend != "auto":
+        why = f"{'precision' if s.precision != 'auto' else 'backend'} set explicitly, the other auto: {why}"
+    return dataclasses.replace(s, precision=precision, backend=backend, speed_reason=why)
 
 
 def finetune_runs(s: DemoSettings) -> list[tuple[int, int]]:
@@ -429,6 +424,7 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     from .formats import read_beir, read_run, read_train
     from .fusion import choose_fusion, format_choice, fuse
     from .lee import build_lee
+    from .logs import add_log_file
     from .metrics import evaluate_run
 
     if settings is None and preset not in PRESETS:
@@ -438,6 +434,7 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     if force and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    log_file = add_log_file(out / "llama2vec.log")  # other libraries' records: there, not on the console
     cache = StageCache(out)
     timings: dict[str, float] = {}
     t0 = time.time()
@@ -470,7 +467,7 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     est = estimate_seconds(s, len(test.corpus), len(test.queries), (len(dev_set.corpus), len(dev_set.queries)),
                            bf16=s.precision != "fp32")
     print(f"llama2vec demo, preset {preset}: {len(test.queries)} test queries, {len(test.corpus)} passages; "
-          f"training in {s.precision}, encoding with {s.backend}; estimated time on a 2-core CPU: about "
+          f"training in {s.precision}, encoding with {s.backend} ({s.speed_reason}); estimated time on a 2-core CPU: about "
           f"{est / 60:.0f} minutes (stages already done are skipped)")
     stage("data")
 
@@ -633,6 +630,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
         "label_curve": curve,
     }
     write_report(out, report, systems, {name: main[name][s.seeds[0]] for name in models})
+    if log_file is not None:
+        print(f"log (other libraries' messages included): {log_file}")
     return report
 
 
@@ -642,7 +641,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
 
 def _choices(s: dict) -> list[str]:
     """Report lines for the settings chosen on the dev splits (BBC dev and Lee dev)."""
-    lines = [f"Training in {s['precision']}, encoding with the `{s['backend']}` backend."]
+    why = f" ({s['speed_reason']}; `LLAMA2VEC_CPU_BF16=0` or `1` forces the path)" if s.get("speed_reason") else ""
+    lines = [f"Training in {s['precision']}, encoding with the `{s['backend']}` backend{why}."]
     enc = s["encoding_choice"]
     scores = "; ".join(f"{k} {v['mean']:.3f} ({', '.join(f'{d} {x:.3f}' for d, x in v.items() if d != 'mean')})"
                        for k, v in enc["dev_ndcg@10"].items())

@@ -42,6 +42,34 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
 
 
+CPU_BF16_ENV = "LLAMA2VEC_CPU_BF16"
+
+
+def cpu_bf16() -> tuple[bool, str]:
+    """(whether this CPU runs bfloat16 products fast, why). $LLAMA2VEC_CPU_BF16 = 1 or 0 forces the answer;
+    otherwise oneDNN is asked whether it has bfloat16 kernels here (AVX-512 BF16 or AMX: yes; AVX2 only: no,
+    bfloat16 is then emulated and slower than float32)."""
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced is not None and forced.strip() != "":
+        if forced.strip() not in ("0", "1"):
+            raise Llama2VecError(f"${CPU_BF16_ENV} is {forced!r}: set it to 1 (bfloat16 path) or 0 (float32 path), "
+                                 "or unset it to let the CPU decide")
+        return forced.strip() == "1", f"forced by ${CPU_BF16_ENV}={forced.strip()}"
+    try:
+        fast = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        fast = False
+    return fast, ("this CPU has bfloat16 instructions (oneDNN's bfloat16 kernels)" if fast else
+                  "this CPU has no bfloat16 instructions (oneDNN would emulate bfloat16)")
+
+
+def fast_bfloat16() -> tuple[bool, str]:
+    """(whether bfloat16 products run fast here, why): a CUDA GPU, or a CPU as `cpu_bf16` says."""
+    if torch.cuda.is_available():
+        return True, "a CUDA GPU"
+    return cpu_bf16()
+
+
 def setup_cpu() -> None:
     """Flush denormals: about 7x faster SmolLM2 passes on CPU with bit-identical outputs."""
     torch.set_flush_denormal(True)
