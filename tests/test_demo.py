@@ -8,7 +8,7 @@ import json
 import pytest
 
 import llama2vec.demo as demo_mod
-from llama2vec.demo import FULL_2E5, PRESETS, DemoSettings, Recipe, demo, estimate_seconds
+from llama2vec.demo import FULL_2E5, PRESETS, DemoSettings, Rates, Recipe, demo, estimate_seconds
 from llama2vec.encoder import Llama2Vec
 from llama2vec.evaluate import dense_retrieve
 from llama2vec.formats import read_beir, read_run
@@ -114,6 +114,10 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch, caps
     for name in ("report.md", "systems.png", "label_curve.png", "adapt_losses.png", "finetune_adapted_loss.png"):
         assert (out / name).is_file(), name
     assert "| hybrid |" in (out / "report.md").read_text()
+    estimate = saved["time_estimate"]  # printed at the start from this machine's probe, kept beside the measured time
+    assert estimate["seconds"] > 0 and estimate["measured_seconds"] > 0
+    assert set(estimate["tokens_per_s"]) == {"train", "encode", "encode_fp32"}
+    assert f"estimated at the start: {estimate['seconds']:.0f} s" in (out / "report.md").read_text()
 
     # Repeatable: a second run from scratch, in another folder, gives exactly the same figures.
     fresh = demo(output=str(tmp_path / "fresh"), settings=tiny_settings(tiny_model_dir))
@@ -152,13 +156,34 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch, caps
     assert other["settings"]["eval_queries"] == 10 and len(read_beir(out / "data" / "eval", "test").queries) == 10
 
 
+# `measure_rates` on the 2-core Xeon of BENCHMARKS.md ("The demo's time estimate"), on either path.
+PROBED = {("fp32", "torch"): Rates(train=0.00373, encode=0.00120, encode_fp32=0.00120),
+          ("bf16-mixed", "torch-bfloat16"): Rates(train=0.00272, encode=0.00044, encode_fp32=0.00110)}
+
+
 def test_estimates_fit_the_presets():
-    quick = PRESETS["quick"]
-    assert estimate_seconds(quick, 200, 150, (200, 150), bf16=True) < 15 * 60
-    # dev: 222 queries, 422 passages. The full preset's run took 118 minutes on a 2-core CPU with bfloat16
-    # instructions: its estimate stays within 10% of that.
-    full = estimate_seconds(PRESETS["full"], 603, 403, (422, 222), bf16=True)
-    assert 118 * 60 * 0.9 < full < 118 * 60 * 1.1
+    for (precision, backend), rates in PROBED.items():
+        quick = dataclasses.replace(PRESETS["quick"], precision=precision, backend=backend)
+        assert estimate_seconds(quick, rates, 200, 150, (200, 150)) < 15 * 60, precision
+    # The work is priced at the measured speed: a machine half as fast takes twice the time, less the fixed part.
+    quick, rates = PRESETS["quick"], PROBED[("fp32", "torch")]
+    half = Rates(*(2 * x for x in dataclasses.astuple(rates)))
+    fixed = demo_mod._FIXED_S
+    twice = 2 * (estimate_seconds(quick, rates, 200, 150, (200, 150)) - fixed)
+    assert estimate_seconds(quick, half, 200, 150, (200, 150)) - fixed == pytest.approx(twice)
+    # More work, more time: the full preset against the quick one, a bigger corpus against a smaller.
+    assert estimate_seconds(PRESETS["full"], rates, 603, 403, (422, 222)) > 5 * estimate_seconds(
+        quick, rates, 200, 150, (200, 150))
+    assert estimate_seconds(quick, rates, 2000, 150, (200, 150)) > estimate_seconds(quick, rates, 200, 150, (200, 150))
+
+
+def test_the_probe_times_both_passes_on_the_run_s_path(tiny_model_dir, monkeypatch):
+    s = dataclasses.replace(PRESETS["quick"], base_model=str(tiny_model_dir), precision="bf16-mixed",
+                            backend="torch-bfloat16")
+    rates = demo_mod.measure_rates(s, tokens=16)
+    assert all(0 < x < 1 for x in dataclasses.astuple(rates))
+    plain = demo_mod.measure_rates(dataclasses.replace(s, precision="fp32", backend="torch"), tokens=16)
+    assert plain.encode == plain.encode_fp32  # one float32 pass serves both
 
 
 def test_precision_and_backend_follow_the_hardware(monkeypatch):

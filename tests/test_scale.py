@@ -201,7 +201,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(tiny_model_dir, tmp_path):
     for name in ("20k", "200k"):
         done = subprocess.run([sys.executable, "-c", probe, "encode", "--model", str(tiny_model_dir), "--input",
                                str(tmp_path / f"{name}.jsonl"), "--output", str(tmp_path / f"emb-{name}"),
-                               "--batch-size", "128", "--shard-size", "2048", "--device", "cpu"],
+                               "--batch-size", "512", "--shard-size", "4096", "--device", "cpu"],
                               capture_output=True, text=True, timeout=600, env=ENV)
         assert done.returncode == 0, done.stderr[-2000:]
         peaks[name] = int(done.stdout.split("PEAK")[-1])

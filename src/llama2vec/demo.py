@@ -109,16 +109,118 @@ PRESETS = {
     ),
 }
 
-# Rough CPU costs (2 cores, float32), from BENCHMARKS.md: seconds per token of work; bfloat16 on a CPU
-# with bfloat16 instructions takes 0.55-0.6 of that (`bench/precision.py`: a fine-tuning step 0.60-0.63,
-# encoding 0.54-0.58). Fine-tuning: the full preset's run took 7.2-7.8 s a step (4 queries x 4 passages of
-# 128 tokens) in bfloat16 on a 2-core AMD EPYC with AVX-512 BF16, data, saving and loading included.
-_TRAIN_S_PER_TOKEN = 1 / 165
-_FINETUNE_S_PER_TOKEN = 1 / 190
-_ENCODE_S_PER_TOKEN = 1 / 550
-_BF16 = 0.55
+# The time estimate: the demo's work in tokens, priced at this machine's measured speed. `measure_rates` times
+# a training pass and an encoding pass of the base model here, in the run's precision and backend (CPUs differ by
+# more than 2x: AVX2 only, AVX-512 BF16, AMX); the factors below turn the probe's seconds per token into those of
+# each stage (they hold the per-step costs, data, saving and loading), fitted on `make demo` runs in fp32 and in
+# bf16-mixed (BENCHMARKS.md, "The demo's time estimate").
+_ADAPT_PER_PROBE = 1.0
+_FINETUNE_PER_PROBE = 1.0
+_ENCODE_PER_PROBE = 0.8  # the demo encodes in batches of 32 (the probe: 8)
+_FIXED_S = 45.0  # model loading in every stage, BM25 and MiniLM, charts
 _PROMPT_TOKENS = 25
+_QUERY_TOKENS = 40
 _LEE = (300, 190, 110)  # Lee passages, test and dev queries
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Seconds per token on this machine: `train`, a forward and backward pass in the run's precision; `encode`,
+    a forward pass without gradients in the run's backend; `encode_fp32`, the same in float32."""
+
+    train: float
+    encode: float
+    encode_fp32: float
+
+
+def measure_rates(s: DemoSettings, tokens: int = 96) -> Rates:
+    """Time the base model on random tokens: a training pass of 4 x `tokens` (under bfloat16 autocast for
+    bf16-mixed) and an encoding pass of 8 x `tokens` (in float32, and in bfloat16 for torch-bfloat16), each once
+    to warm up and twice timed. About 10 s on a 2-core CPU (the bundled model's one-time conversion comes first)."""
+    import torch
+
+    from .config import ModelConfig
+    from .models import load_causal_lm
+
+    _, model, device = load_causal_lm(ModelConfig(model=s.base_model))
+    body = model.base_model  # the decoder without the LM head: fine-tuning and encoding read hidden states
+    gen, vocab = torch.Generator().manual_seed(0), model.config.vocab_size
+
+    def ids(rows: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (rows, tokens), generator=gen).to(device)
+
+    def timed(step, rows: int, repeats: int = 2) -> float:
+        step(ids(rows))  # warm-up: oneDNN makes its kernels on the first call
+        x = ids(rows)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step(x)
+        return (time.perf_counter() - t0) / (repeats * x.numel())
+
+    def train(x: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16-mixed"):
+            hidden = body(input_ids=x).last_hidden_state
+        hidden.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    def encode(x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            body(input_ids=x)
+
+    model.train()
+    train_s = timed(train, 4)
+    model.eval()
+    encode_fp32 = timed(encode, 8)
+    encode_s = encode_fp32
+    if s.backend == "torch-bfloat16":
+        model.to(torch.bfloat16)
+        encode_s = timed(encode, 8)
+    return Rates(train=train_s, encode=encode_s, encode_fp32=encode_fp32)
+
+
+def estimate_work(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tuple[int, int] = (0, 0)) -> dict:
+    """The demo's work in tokens: `adapt` and `finetune` (trained), `encode` (encoded). `n_dev`: passages and
+    queries of the BBC dev set (the choices on dev encode it). The main runs are counted at the longest candidate
+    passage length."""
+    lengths = [with_length(s, r).passage_max_length for r in s.recipes]
+    length = max(lengths)
+    adapt = s.adapt_steps * s.adapt_batch * ((s.adapt_max_length or length) + 2 * _PROMPT_TOKENS)
+
+    def step(length: int) -> int:
+        return s.finetune_batch * (s.group_size * (length + _PROMPT_TOKENS) + s.query_max_length)
+
+    def encode(passages: int, queries: int, length: int = length) -> int:
+        return passages * (length + _PROMPT_TOKENS) + queries * _QUERY_TOKENS
+
+    lee_test, lee_dev = min(_LEE[0], _LEE[1] + (s.ood_distractors or _LEE[0])), _LEE[2] + (s.ood_distractors or 0)
+    runs = finetune_runs(s)
+    finetune = 2 * sum(steps_for(n, s) for n, _ in runs) * step(length)  # both models
+
+    def dev(length: int = length) -> int:
+        return encode(n_dev[0] + lee_dev, n_dev[1] + _LEE[2], length)
+
+    # The prompt choice (the passages once, the queries with both prompts) and the backend's cost (the dev sets
+    # again in float32), then both models per candidate recipe (the first candidate's runs are among the curve's
+    # when it is chosen).
+    choices = dev(s.passage_max_length) + encode(0, n_dev[1] + _LEE[2])
+    fp32 = dev(s.passage_max_length) if s.backend != "torch" else 0
+    if len(s.recipes) > 1:
+        choices += sum(2 * dev(n) for n in lengths)
+        finetune += sum(2 * steps_for(s.recipe_queries, s) * step(n) for n in lengths[1:])
+    mined = any(r.negatives == "adapted" for r in s.recipes)
+    mine = encode(2089, s.main_queries, s.passage_max_length) if mined else 0
+    evaluations = (2 + 2 * len(runs)) * encode(n_passages, n_queries) + (2 + 2 * len(s.seeds)) * encode(lee_test,
+                                                                                                        _LEE[1])
+    return {"adapt": adapt, "finetune": finetune, "encode": choices + mine + evaluations + dev(), "encode_fp32": fp32}
+
+
+def estimate_seconds(s: DemoSettings, rates: Rates, n_passages: int, n_queries: int,
+                     n_dev: tuple[int, int] = (0, 0)) -> float:
+    """The demo's time at `rates` (`measure_rates`): its work (`estimate_work`) priced per stage."""
+    work = estimate_work(s, n_passages, n_queries, n_dev)
+    return (_FIXED_S + work["adapt"] * rates.train * _ADAPT_PER_PROBE
+            + work["finetune"] * rates.train * _FINETUNE_PER_PROBE
+            + (work["encode"] * rates.encode + work["encode_fp32"] * rates.encode_fp32) * _ENCODE_PER_PROBE)
 
 
 def resolve_speed(s: DemoSettings) -> DemoSettings:
@@ -151,42 +253,6 @@ def steps_for(n: int, s: DemoSettings) -> int:
 def with_length(s: DemoSettings, recipe: Recipe) -> DemoSettings:
     """The settings a recipe trains and encodes with: its own passage length, if it has one."""
     return dataclasses.replace(s, passage_max_length=recipe.passage_length or s.passage_max_length)
-
-
-def estimate_seconds(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tuple[int, int] = (0, 0),
-                     bf16: bool = False) -> float:
-    """`n_dev`: passages and queries of the BBC dev set (the choices on dev encode it). The main runs
-    are counted at the longest candidate passage length."""
-    speed = _BF16 if bf16 else 1.0
-    lengths = [with_length(s, r).passage_max_length for r in s.recipes]
-    length = max(lengths)
-    adapt = s.adapt_steps * s.adapt_batch * ((s.adapt_max_length or length) + 2 * _PROMPT_TOKENS) * _TRAIN_S_PER_TOKEN
-
-    def step(length: int) -> float:
-        tokens = s.finetune_batch * (s.group_size * (length + _PROMPT_TOKENS) + s.query_max_length)
-        return tokens * _FINETUNE_S_PER_TOKEN
-
-    def encode(passages: int, queries: int, length: int = length) -> float:
-        return (passages * (length + _PROMPT_TOKENS) + queries * 40) * _ENCODE_S_PER_TOKEN
-
-    lee_test, lee_dev = min(_LEE[0], _LEE[1] + (s.ood_distractors or _LEE[0])), _LEE[2] + (s.ood_distractors or 0)
-    runs = finetune_runs(s)
-    finetune = 2 * sum(steps_for(n, s) for n, _ in runs) * step(length)  # both models
-
-    def dev(length: int = length) -> float:
-        return encode(n_dev[0] + lee_dev, n_dev[1] + _LEE[2], length)
-
-    # The prompt choice (both prompts) and the backend's cost, then both models per candidate recipe
-    # (the first candidate's runs are among the curve's when it is chosen).
-    choices = 3 * dev(s.passage_max_length)
-    if len(s.recipes) > 1:
-        choices += sum(2 * dev(n) for n in lengths)
-        finetune += sum(2 * steps_for(s.recipe_queries, s) * step(n) for n in lengths[1:])
-    mined = any(r.negatives == "adapted" for r in s.recipes)
-    mine = encode(2089, s.main_queries, s.passage_max_length) if mined else 0.0
-    evaluations = (2 + 2 * len(runs)) * encode(n_passages, n_queries) + (2 + 2 * len(s.seeds)) * encode(lee_test,
-                                                                                                        _LEE[1])
-    return 90 + speed * (adapt + finetune + choices + mine + evaluations + dev())
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,11 +530,15 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
     n_train = len(read_train(bbc / "train.jsonl"))
     test = read_beir(eval_set, "test")
     dev_set = read_beir(dev, "test")
-    est = estimate_seconds(s, len(test.corpus), len(test.queries), (len(dev_set.corpus), len(dev_set.queries)),
-                           bf16=s.precision != "fp32")
+    t_probe = time.time()
+    rates = measure_rates(s)
+    est = time.time() - t0 + estimate_seconds(s, rates, len(test.corpus), len(test.queries),
+                                              (len(dev_set.corpus), len(dev_set.queries)))
     print(f"llama2vec demo, preset {preset}: {len(test.queries)} test queries, {len(test.corpus)} passages; "
-          f"training in {s.precision}, encoding with {s.backend} ({s.speed_reason}); estimated time on a 2-core CPU: about "
-          f"{est / 60:.0f} minutes (stages already done are skipped)")
+          f"training in {s.precision}, encoding with {s.backend} ({s.speed_reason}); estimated time here: about "
+          f"{est / 60:.0f} minutes, from this machine's measured speed ({time.time() - t_probe:.0f} s to measure: "
+          f"{1 / rates.train:.0f} tokens/s training, {1 / rates.encode:.0f} encoding); stages already done are "
+          "skipped")
     stage("data")
 
     from .models import resolve_model_path
@@ -489,7 +559,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
                 passage_max_length=s.passage_max_length, query_max_length=s.query_max_length, backend=s.backend)
     encoding_choice = choose_encoding(adapted, {"bbc": dev, "lee": lee_dev}, choice_file, s)
     s = dataclasses.replace(s, query_prompt=encoding_choice["query_prompt"])
-    print(f"chosen on dev: query prompt {s.query_prompt} {encoding_choice['dev_ndcg@10']}")
+    scores = ", ".join(f"{k} {v['mean']:.3f}" for k, v in encoding_choice["dev_ndcg@10"].items())
+    print(f"chosen on dev: query prompt {s.query_prompt} (mean dev nDCG@10 of the adapted model: {scores})")
     stage("choose_encoding")
 
     models = {"unadapted": s.base_model, "adapted": str(adapted)}
@@ -547,7 +618,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
             dev_scores[candidate.name] = {**row, "mean": statistics.mean(v for r in row.values() for v in r.values())}
         recipe = max(s.recipes, key=lambda r: dev_scores[r.name]["mean"])
         recipe_choice = {"queries": s.recipe_queries, "dev_ndcg@10": dev_scores, "chosen": recipe.name}
-        print(f"fine-tuning recipe chosen on the dev splits: {recipe.name} {dev_scores}")
+        scores = ", ".join(f"{k} {v['mean']:.3f}" for k, v in dev_scores.items())
+        print(f"fine-tuning recipe chosen on the dev splits: {recipe.name} (mean dev nDCG@10 of both models: {scores})")
     s = with_length(s, recipe)  # every SmolLM2 system from here on reads passages of the recipe's length
     stage("choose_recipe")
 
@@ -623,6 +695,8 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
                      "recipe": dataclasses.asdict(recipe), "recipe_choice": recipe_choice,
                      "fusion_choice": fusion_choice},
         "timings": timings,
+        "time_estimate": {"seconds": round(est, 1), "measured_seconds": round(time.time() - t0, 1),
+                          "tokens_per_s": {k: round(1 / v, 1) for k, v in dataclasses.asdict(rates).items()}},
         "systems": {k: {**summary(results["eval"][k]), "model": model_paths[k]} for k in systems},
         "out_of_domain": {"task": "lee: ABC news, opening sentence -> rest of the story",
                           "queries": len(lee_data.queries), "passages": len(lee_data.corpus),
@@ -712,7 +786,10 @@ def write_report(out: Path, report: dict, systems: dict, main: dict[str, Path]) 
         lines += [f"| {p['n']} | {p['unadapted']:.3f} ± {p['unadapted_spread']:.3f} | "
                   f"{p['adapted']:.3f} ± {p['adapted_spread']:.3f} | {p['seeds']} |" for p in report["label_curve"]]
         lines.append("")
-    lines += ["## Timings (s)", "", " ".join(f"{k}: {v}" for k, v in report["timings"].items()), "",
+    est = report.get("time_estimate") or {}
+    total = (f"; in all {est['measured_seconds']:.0f} s, estimated at the start: {est['seconds']:.0f} s"
+             if est else "")
+    lines += ["## Timings (s)", "", " ".join(f"{k}: {v}" for k, v in report["timings"].items()) + total, "",
               *(f"![{k}]({Path(v).name})" for k, v in charts.items())]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
