@@ -26,11 +26,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/llama2vec demo --preset quick --output $(DEMO_DIR)
 
+# Two pytest-xdist workers; the kill tests stay on one (`--dist loadgroup`).
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=10
+	$(PYTEST) --durations=10
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(PYTEST) -m "not integration and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

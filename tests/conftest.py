@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 torch.set_flush_denormal(True)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the cores shared out, not N x all of them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 SENTENCES = [
     "The cat sat on the mat. It was a sunny day!",
@@ -99,3 +102,12 @@ def pretext_setup(texts: tuple[str, str], preset: str = "llara"):
     batch = PretextCollator(ids, tok.pad_token_id, excluded_target_ids(tok, ids), 32)(
         [{"text": a, "next": b}, {"text": b, "next": a}])
     return model, batch
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`): the tests of a module that builds module-scoped fixtures run on
+    one worker, so that those fixtures are built once; the other tests are shared out one by one."""
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d.scope == "module" for ds in defs.values() for d in ds):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

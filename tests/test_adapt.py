@@ -169,6 +169,7 @@ def test_adapt_help_documents_every_option(capsys):
         assert flag in text, flag
 
 
+@pytest.mark.slow
 def test_adapt_runs_unchanged_under_torchrun(tiny_model_dir, tiny_corpus, tmp_path):
     import os
     import subprocess
@@ -313,6 +314,7 @@ def torchrun(*args: str, processes: int = 2) -> str:
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_fsdp_on_cpu_processes_equals_ddp_saves_a_model_and_resumes(tiny_model_dir, tiny_corpus, tmp_path):
     import shutil
 
@@ -345,6 +347,7 @@ def test_fsdp_on_cpu_processes_equals_ddp_saves_a_model_and_resumes(tiny_model_d
         torch.testing.assert_close(resumed[name], fsdp[name], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_fsdp_finetune_equals_ddp(tiny_model_dir, tmp_path):
     from conftest import SENTENCES
 

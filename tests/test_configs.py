@@ -50,6 +50,7 @@ def test_the_paper_recipes_hold_the_paper_settings():
     assert con.cross_device and train.learning_rate == 3e-4 and train.epochs == 1 and prompt.query_prompt == "next"
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_the_adaptation_recipe_runs_on_the_bundled_model(tmp_path):
     corpus = tmp_path / "wiki.jsonl"

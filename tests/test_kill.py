@@ -40,6 +40,7 @@ import numpy as np
 import pytest
 from conftest import SENTENCES, make_model, make_tokenizer
 
+pytestmark = pytest.mark.slow  # make test-fast leaves these out
 KILLS: dict[str, int] = {}  # command -> kills that hit a running process
 MOMENTS: dict[str, list[float]] = {}  # command -> seconds after the first write (demo: after the start) of each hit
 WANTED = {"adapt": 4, "finetune": 4, "encode": 3, "index": 2, "demo": 3}

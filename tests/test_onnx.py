@@ -80,6 +80,7 @@ def test_unknown_backend_is_named(tmp_path):
         Llama2Vec.from_pretrained(str(tmp_path), backend="tensorrt")
 
 
+@pytest.mark.slow
 def test_compiled_backend_equals_torch_without_recompiling(encoders):
     folder, _, enc = encoders
     compiled = Llama2Vec.from_pretrained(str(folder), device="cpu", backend="torch-compile", batch_size=3)

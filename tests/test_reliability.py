@@ -322,6 +322,7 @@ def _cli(args: list[str], limit: int) -> subprocess.CompletedProcess:
                           preexec_fn=_with_file_size_limit(limit), timeout=300)
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_cleanly_and_leaves_nothing_that_looks_complete(tiny_model_dir, tiny_corpus, tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"_id": f"d{i}", "text": f"{i} {t}"}) + "\n"

@@ -59,6 +59,7 @@ def test_infonce_by_hand():
         -(float(q[1] @ p[3]) / t - math.log(sum(math.exp(float(q[1] @ p[j]) / t) for j in range(6)))), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_cross_process_loss_equals_single_process(tmp_path):
     out = tmp_path / "r.json"
     script = Path(__file__).parent / "scripts" / "dist_infonce.py"
@@ -181,6 +182,7 @@ def test_sharded_search_equals_whole_search(tmp_path):
     assert {k: list(v) for k, v in whole.items()} == {k: list(v) for k, v in sharded.items()}
 
 
+@pytest.mark.slow
 def test_approximate_indexes_and_round_trip(tmp_path):
     p, q = random_unit(2000, 32, 4), random_unit(50, 32, 5)
     exact = search_index(build_index(p, "Flat"), q, 10)[1]
@@ -201,6 +203,7 @@ def test_approximate_indexes_and_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------- pipeline
 
 
+@pytest.mark.slow
 def test_finetune_encode_index_search_evaluate(tiny_model_dir, tmp_path):
     beir, docs = small_beir(tmp_path)
     train = tmp_path / "train.jsonl"
@@ -261,6 +264,7 @@ def test_dense_mining_never_returns_positives(tiny_model_dir, tmp_path):
         assert set(row["neg"]) <= set(docs.values())
 
 
+@pytest.mark.slow
 def test_full_finetune_of_an_untied_model_runs_under_torchrun(tmp_path):
     tok = make_tokenizer()
     model = make_model(len(tok))

@@ -352,6 +352,7 @@ SLOW_SERVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(model_dir, ref, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, "serve", "--model", str(model_dir), "--port", "0",
                              "--device", "cpu"], stderr=subprocess.PIPE, text=True,

@@ -97,6 +97,7 @@ def gpt2_folder(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_export_equals_llama2vec_without_llama2vec_installed(tiny_model_dir, tmp_path):
     models = {"llara": str(tiny_model_dir), "paper": str(paper_folder(tiny_model_dir, tmp_path / "paper")),
               "gpt2": str(gpt2_folder(tmp_path / "gpt2"))}
@@ -167,6 +168,7 @@ BBC_PASSAGES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_bundled_smollm2_export(tmp_path):
     folder = export_sentence_transformers("smollm2", tmp_path / "st")

@@ -293,7 +293,7 @@ def build_configs(args: argparse.Namespace, *classes: type) -> list[Any]:
     checked against the field types, and an error they cause names the file."""
     path = getattr(args, "config", None)
     values = load_config_file(path)
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "verbose", "log_file")}
     hints = {}
     for cls in classes:
         cls_hints = typing.get_type_hints(cls)

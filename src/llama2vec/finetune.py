@@ -176,9 +176,8 @@ def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: Contrast
     prompt options) on `con_cfg.train`; write a llama2vec model folder to `train_cfg.output`."""
     if not con_cfg.train:
         raise Llama2VecError("--train is required")
-    examples = read_train(con_cfg.train, min_negatives=1 if con_cfg.group_size > 1 else 0)
-    if con_cfg.max_examples:
-        examples = examples[: con_cfg.max_examples]
+    examples = read_train(con_cfg.train, min_negatives=1 if con_cfg.group_size > 1 else 0,
+                          limit=con_cfg.max_examples or None)
     out = prepare_output(train_cfg)
     path = resolve_model_path(model_cfg.model)
     model_cfg, precision = resolve_precision(model_cfg, train_cfg)

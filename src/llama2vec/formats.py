@@ -157,12 +157,14 @@ class TrainExample:
     neg: list[str]
 
 
-def read_train(path: str | Path, min_negatives: int = 0) -> list[TrainExample]:
-    """Training examples; each needs a non-empty query, at least one positive and
-    `min_negatives` negatives."""
+def read_train(path: str | Path, min_negatives: int = 0, limit: int | None = None) -> list[TrainExample]:
+    """Training examples (the first `limit` only, when given: the rest is not read); each needs a non-empty
+    query, at least one positive and `min_negatives` negatives."""
     path = Path(path)
-    out = []
+    out: list[TrainExample] = []
     for where, obj in read_objects(path):
+        if limit is not None and len(out) >= limit:
+            break
         query = _field(obj, "query", where, required=True)
         if not query.strip():
             raise Llama2VecError(f"{where}: field 'query' is empty")
