@@ -26,8 +26,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/llama2vec demo --preset quick --output $(DEMO_DIR)
 
-# Two pytest-xdist workers; the kill tests stay on one (`--dist loadgroup`).
-PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+# Two pytest-xdist workers, each taking whole test files (`--dist loadscope`: module fixtures built once).
+PYTEST := $(BIN)/python -m pytest -q -rs -n 2 --dist loadscope
 
 test: $(STAMP)
 	$(PYTEST) --durations=10

@@ -103,11 +103,3 @@ def pretext_setup(texts: tuple[str, str], preset: str = "llara"):
         [{"text": a, "next": b}, {"text": b, "next": a}])
     return model, batch
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`): the tests of a module that builds module-scoped fixtures run on
-    one worker, so that those fixtures are built once; the other tests are shared out one by one."""
-    for item in items:
-        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        if any(d.scope == "module" for ds in defs.values() for d in ds):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -40,7 +40,9 @@ import numpy as np
 import pytest
 from conftest import SENTENCES, make_model, make_tokenizer
 
-pytestmark = pytest.mark.slow  # make test-fast leaves these out
+# make test-fast leaves these out; under pytest-xdist one worker runs them all (--dist loadscope): the demo's
+# chain runs in the background while the other commands' chains run, and the last test counts every kill.
+pytestmark = pytest.mark.slow
 KILLS: dict[str, int] = {}  # command -> kills that hit a running process
 MOMENTS: dict[str, list[float]] = {}  # command -> seconds after the first write (demo: after the start) of each hit
 WANTED = {"adapt": 4, "finetune": 4, "encode": 3, "index": 2, "demo": 3}
