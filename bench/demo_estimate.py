@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 from llama2vec import demo as d
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import machine  # noqa: E402
 
 
 def row(path: Path) -> dict:
@@ -58,8 +60,8 @@ def main() -> None:
           f"{d._ENCODE_PER_PROBE}, fixed {d._FIXED_S} s")
     if args.append:
         head = (f"\n## The demo's time estimate\n\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-                f"`python bench/demo_estimate.py {' '.join(map(str, args.reports))}`; {platform.processor() or ''} "
-                f"{platform.machine()}, Python {sys.version.split()[0]}. Factors: a stage's measured seconds over "
+                f"`python bench/demo_estimate.py {' '.join(map(str, args.reports))}`; {machine()}, "
+                f"Python {sys.version.split()[0]}. Factors: a stage's measured seconds over "
                 "its work in tokens times the probe's seconds per token.\n\n")
         with open(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", "a") as fh:
             fh.write(head + "\n".join(lines) + "\n")
