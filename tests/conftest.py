@@ -75,6 +75,23 @@ def tiny_model_dir(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def sized_model_dir(tmp_path_factory):
+    """A random Llama of about 110 MiB in float32 (12 layers of width 512, no tensor above 2 MiB), with the tiny
+    tokenizer: large enough for a process's memory to show whether it held a whole copy."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("sized-llama")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=1024, hidden_size=512, intermediate_size=1024,
+                                  num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4,
+                                  max_position_embeddings=512, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_corpus(tmp_path):
     """A JSONL corpus of documents long enough for several chunks each."""

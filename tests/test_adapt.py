@@ -169,25 +169,6 @@ def test_adapt_help_documents_every_option(capsys):
         assert flag in text, flag
 
 
-@pytest.mark.slow
-def test_adapt_runs_unchanged_under_torchrun(tiny_model_dir, tiny_corpus, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "llama2vec", "adapt",
-           "--model", str(tiny_model_dir), "--corpus", str(tiny_corpus), "--output", str(out), "--device", "cpu",
-           "--max-steps", "3", "--batch-size", "2", "--max-length", "24", "--logging-steps", "1", "--save-steps", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count('"steps": 3') == 1  # only rank 0 reports
-    assert (out / "llama2vec_config.json").is_file() and (out / "checkpoints" / "checkpoint-3").is_dir()
-    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
-
-
 def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
@@ -311,40 +292,88 @@ def torchrun(*args: str, processes: int = 2) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "-m", "llama2vec", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def ranks(out) -> list[dict]:
+    return [json.loads((out / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.mark.slow
-def test_fsdp_on_cpu_processes_equals_ddp_saves_a_model_and_resumes(tiny_model_dir, tiny_corpus, tmp_path):
+def test_fsdp_equals_ddp_with_offload_checkpointing_and_clipping_holds_half_and_resumes(sized_model_dir, tiny_corpus,
+                                                                                         tmp_path):
+    """Two CPU processes under torchrun adapt a 110 MiB model by DDP, by --fsdp and by --fsdp --fsdp-offload,
+    with gradient checkpointing and clipping: the three end within 1e-5 of each other; under FSDP the second
+    process never holds a whole copy (the first reads the model and sends it its shards); the offloaded run
+    resumes exactly from a checkpoint; clipping under FSDP clips what DDP clips."""
     import shutil
 
     from transformers import AutoModelForCausalLM
 
-    common = ["adapt", "--model", str(tiny_model_dir), "--corpus", str(tiny_corpus), "--device", "cpu", "--full",
+    common = ["adapt", "--model", str(sized_model_dir), "--corpus", str(tiny_corpus), "--device", "cpu", "--full",
               "--max-steps", "3", "--batch-size", "2", "--max-length", "24", "--logging-steps", "1",
-              "--save-steps", "1", "--learning-rate", "1e-2", "--resume"]
-    torchrun(*common, "--output", str(tmp_path / "ddp"))
-    said = torchrun(*common, "--fsdp", "--output", str(tmp_path / "fsdp"))
-    assert said.count("FSDP: weights sharded over 2 processes (DTensor)") == 2  # on each process
-    ddp, fsdp = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "fsdp" / "model.safetensors")
-    base = load_file(tiny_model_dir / "model.safetensors")
-    assert sorted(ddp) == sorted(fsdp) and not torch.equal(fsdp["model.norm.weight"], base["model.norm.weight"])
-    for name in ddp:
-        torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0)
+              "--save-steps", "1", "--learning-rate", "1e-2", "--gradient-checkpointing", "--resume"]
+    clip = ["--max-grad-norm", "0.05"]
+    said = torchrun(*common, *clip, "--output", str(tmp_path / "ddp"))
+    assert said.count('"steps": 3') == 1  # only the main process reports
+    torchrun(*common, *clip, "--fsdp", "--output", str(tmp_path / "fsdp"))
+    said = torchrun(*common, *clip, "--fsdp", "--fsdp-offload", "--output", str(tmp_path / "offload"))
+    assert said.count("FSDP: weights sharded over 2 processes, kept in CPU memory") == 2  # on each process
+    weights = {name: load_file(tmp_path / name / "model.safetensors") for name in ("ddp", "fsdp", "offload")}
+    base = load_file(sized_model_dir / "model.safetensors")
+    assert not torch.equal(weights["fsdp"]["model.norm.weight"], base["model.norm.weight"])
+    assert largest_difference(weights["fsdp"], weights["ddp"]) <= 1e-5
+    assert largest_difference(weights["offload"], weights["ddp"]) <= 1e-5
     AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp")  # a plain Hugging Face folder
 
-    # Resumed from its sharded checkpoint at step 2, the run ends where the uninterrupted one did.
+    # The logged gradient norm is the global one (a process's own shard would give less), above the clip.
+    norms = {name: [json.loads(line)["grad_norm"] for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+             for name in ("ddp", "fsdp", "offload")}
+    assert min(norms["ddp"]) > 0.05 * 10
+    for name in ("fsdp", "offload"):
+        assert norms[name] == pytest.approx(norms["ddp"], rel=1e-4)
+    # Without the clip the run goes elsewhere: clipping under FSDP acts, and as under DDP.
+    torchrun(*common, "--max-grad-norm", "0", "--fsdp", "--output", str(tmp_path / "unclipped"))
+    assert largest_difference(load_file(tmp_path / "unclipped" / "model.safetensors"), weights["fsdp"]) > 100 * 1e-5
+
+    # Each process reports its device, where its weights live and its peak memory.
+    copy_mib = sum(t.numel() * t.element_size() for t in base.values()) / 2**20
+    reports = {name: ranks(tmp_path / name) for name in ("ddp", "fsdp", "offload")}
+    for name, pair in reports.items():
+        assert [r["device"] for r in pair] == ["cpu", "cpu"] and all(r["weights_on"] == ["cpu"] for r in pair), name
+    assert [r["weights_mib"] for r in reports["ddp"]] == [pytest.approx(copy_mib, rel=0.02)] * 2
+    assert [r["weights_mib"] for r in reports["fsdp"]] == [pytest.approx(copy_mib / 2, rel=0.02)] * 2
+    grown = {name: [r["peak_rss_mib"]["loaded"] - r["peak_rss_mib"]["start"] for r in pair]
+             for name, pair in reports.items()}
+    assert grown["ddp"][1] >= copy_mib, grown  # DDP: every process reads a whole copy
+    assert grown["fsdp"][1] < copy_mib and grown["offload"][1] < copy_mib, grown  # FSDP: its half, never a copy
+
+    # Resumed from its sharded checkpoint at step 2, the offloaded run ends where the uninterrupted one did.
     cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "fsdp", cut)
+    shutil.copytree(tmp_path / "offload", cut)
     shutil.rmtree(cut / "checkpoints" / "checkpoint-3")
     for name in ("llama2vec_config.json", "model.safetensors"):
         (cut / name).unlink()
     assert (cut / "checkpoints" / "checkpoint-2" / "fsdp").is_dir()  # every process's shards
-    torchrun(*common, "--fsdp", "--output", str(cut))
-    resumed = load_file(cut / "model.safetensors")
+    torchrun(*common, *clip, "--fsdp", "--fsdp-offload", "--output", str(cut))
     assert [json.loads(line)["step"] for line in (cut / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
-    for name in fsdp:
-        torch.testing.assert_close(resumed[name], fsdp[name], atol=1e-6, rtol=0)
+    assert largest_difference(load_file(cut / "model.safetensors"), weights["offload"]) <= 1e-6
+
+
+def test_fsdp_in_one_process_offloads(tiny_model_dir, tiny_corpus, tmp_path):
+    """--fsdp in one process, without a launcher (one GPU whose model does not fit it, with --fsdp-offload), trains
+    as plainly as without it."""
+    plain = run(tiny_model_dir, tiny_corpus, tmp_path / "plain", "--max-steps", "2", "--full")
+    sharded = run(tiny_model_dir, tiny_corpus, tmp_path / "sharded", "--max-steps", "2", "--full", "--fsdp",
+                  "--fsdp-offload")
+    assert sharded["rank"]["weights_on"] == ["cpu"] and plain["steps"] == sharded["steps"] == 2
+    assert largest_difference(load_file(tmp_path / "plain" / "model.safetensors"),
+                              load_file(tmp_path / "sharded" / "model.safetensors")) <= 1e-5
 
 
 @pytest.mark.slow
@@ -361,28 +390,3 @@ def test_fsdp_finetune_equals_ddp(tiny_model_dir, tmp_path):
     ddp, fsdp = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "fsdp" / "model.safetensors")
     for name in ddp:
         torch.testing.assert_close(fsdp[name], ddp[name], atol=1e-5, rtol=0)
-
-
-def test_save_through_accelerates_gather_equals_the_plain_save(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
-    """Under accelerate's FSDP or ZeRO-3 (GPU launches) the final weights come from accelerate's gather,
-    keyed and untied like the plain save; in one process that gather is the whole state dict."""
-    plain = tmp_path / "plain"
-    run(tiny_model_dir, tiny_corpus, plain, "--max-steps", "2", "--full")
-    calls = []
-    real_gather = train_mod.gathered_weights
-
-    def gather(*args):
-        calls.append(1)
-        return real_gather(*args)
-
-    monkeypatch.setattr(train_mod, "sharded_by_accelerate", lambda accelerator: True)
-    monkeypatch.setattr(train_mod, "gathered_weights", gather)
-    gathered = tmp_path / "gathered"
-    run(tiny_model_dir, tiny_corpus, gathered, "--max-steps", "2", "--full")
-    assert calls == [1]
-    a, b = load_file(plain / "model.safetensors"), load_file(gathered / "model.safetensors")
-    assert sorted(a) == sorted(b)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-
-    with pytest.raises(Exception, match="LoRA under accelerate's FSDP"):
-        run(tiny_model_dir, tiny_corpus, tmp_path / "lora", "--max-steps", "1", "--lora")

@@ -1,5 +1,6 @@
-"""The shipped configs: accelerate launch files that accelerate reads, and the paper's recipes, whose every
-option llama2vec knows and which run on the bundled SmolLM2 with only the model, data and size overridden."""
+"""The shipped configs, each run end to end: the accelerate launch file (DDP) launches the paper's fine-tuning
+recipe, and the paper's adaptation recipe runs on the bundled SmolLM2 under torchrun with --fsdp, with only the
+model, data and sizes overridden."""
 
 from __future__ import annotations
 
@@ -11,27 +12,52 @@ import yaml
 from conftest import SENTENCES
 
 from llama2vec.adapt import ADAPT_CONFIGS
-from llama2vec.cli import build_parser, main
+from llama2vec.cli import build_parser
 from llama2vec.config import FINETUNE_CONFIGS, build_configs
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed-zero2", "DEEPSPEED"),
-                                        ("deepspeed-zero3", "DEEPSPEED")])
-def test_accelerate_reads_the_launch_configs(name, kind):
-    from accelerate.commands.config.config_args import load_config_from_file
+def launch(*command: str) -> str:
+    import os
+    import subprocess
+    import sys
 
-    config = load_config_from_file(str(CONFIGS / "accelerate" / f"{name}.yaml"))
-    assert config.distributed_type.value == kind and config.mixed_precision == "bf16"
-    if kind == "FSDP":
-        assert config.fsdp_config["fsdp_version"] == 2
-        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
-        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-    if kind == "DEEPSPEED":
-        assert config.deepspeed_config["zero_stage"] == int(name[-1])
-        paper = yaml.safe_load((CONFIGS / "paper" / "adapt-llama2-7b.yaml").read_text())
-        assert config.deepspeed_config["gradient_accumulation_steps"] == paper["train"]["grad_accum"]
+    proc = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_every_config_file_is_one_a_test_runs():
+    assert sorted(p.name for p in (CONFIGS / "accelerate").iterdir()) == ["ddp.yaml"]
+    assert sorted(p.name for p in (CONFIGS / "paper").iterdir()) == ["adapt-llama2-7b.yaml",
+                                                                    "finetune-msmarco-llama2-7b.yaml"]
+
+
+@pytest.mark.slow
+def test_the_msmarco_recipe_runs_under_accelerate_launch_with_the_ddp_file(tiny_model_dir, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml` with two processes (gloo on CPUs): the
+    released MS MARCO recipe (LoRA, cross-device negatives) trains, each process on its own device."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"query": SENTENCES[i], "pos": [SENTENCES[(i + 1) % 8]],
+                                         "neg": [SENTENCES[(i + j) % 8] for j in range(2, 5)]}) + "\n"
+                             for i in range(8)))
+    out = tmp_path / "ft"
+    said = launch("accelerate.commands.launch", "--config_file", str(CONFIGS / "accelerate" / "ddp.yaml"),
+                  "--num_processes", "2", "-m", "llama2vec", "finetune",
+                  "--config", str(CONFIGS / "paper" / "finetune-msmarco-llama2-7b.yaml"),
+                  "--model", str(tiny_model_dir),
+                  "--train", str(train), "--output", str(out), "--max-steps", "2", "--batch-size", "2",
+                  "--group-size", "4", "--lora-r", "4", "--query-max-length", "16", "--passage-max-length", "24",
+                  "--gradient-checkpointing", "--warmup-steps", "1", "--logging-steps", "1")
+    assert said.count('"steps": 2') == 1  # the main process reports
+    reports = [json.loads((out / "ranks" / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world_size"], r["device"]) for r in reports] == [(0, 2, "cpu"), (1, 2, "cpu")]
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())
+    train = saved["finetunetrain"]
+    assert train["lora"] is True and train["lora_r"] == 4 and saved["contrastive"]["cross_device"]
+    assert (out / "llama2vec_config.json").is_file()
 
 
 def test_the_paper_recipes_hold_the_paper_settings():
@@ -52,15 +78,37 @@ def test_the_paper_recipes_hold_the_paper_settings():
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_the_adaptation_recipe_runs_on_the_bundled_model(tmp_path):
+def test_the_adaptation_recipe_runs_on_the_bundled_model_under_fsdp(tmp_path):
+    """The paper's adaptation recipe on SmolLM2 under torchrun, 2 CPU processes, --fsdp and --fsdp-offload, for
+    2 steps: it trains, saves a plain model folder, and resumes from its sharded checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from llama2vec.models import resolve_model_path
+
+    resolve_model_path("smollm2")  # converted once, before two processes would race to
     corpus = tmp_path / "wiki.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "title": f"T{i}", "text": " ".join(SENTENCES * 4)}) + "\n"
                               for i in range(4)))
     out = tmp_path / "adapted"
-    assert main(["adapt", "--config", str(CONFIGS / "paper" / "adapt-llama2-7b.yaml"), "--model", "smollm2",
-                 "--corpus", str(corpus), "--output", str(out), "--max-steps", "2", "--batch-size", "2",
-                 "--grad-accum", "2", "--max-length", "48", "--logging-steps", "1"]) == 0
+    command = ["torch.distributed.run", "--nproc-per-node", "2", "-m", "llama2vec", "adapt",
+               "--config", str(CONFIGS / "paper" / "adapt-llama2-7b.yaml"), "--model", "smollm2", "--device", "cpu",
+               "--corpus", str(corpus), "--output", str(out), "--max-steps", "2", "--batch-size", "1",
+               "--grad-accum", "2", "--max-length", "32", "--logging-steps", "1", "--save-steps", "1",
+               "--fsdp", "--fsdp-offload", "--resume"]
+    launch(*command)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and (out / "llama2vec_config.json").is_file()
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert saved["train"]["learning_rate"] == 1e-5 and saved["train"]["gradient_checkpointing"] is True
+    assert saved["train"]["fsdp_offload"] is True
+
+    cut = tmp_path / "cut"  # stopped after its first checkpoint
+    shutil.copytree(out, cut)
+    shutil.rmtree(cut / "checkpoints" / "checkpoint-2")
+    for name in ("llama2vec_config.json", "model.safetensors"):
+        (cut / name).unlink()
+    launch(*[str(cut) if c == str(out) else c for c in command])
+    a, b = load_file(out / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -15,9 +15,17 @@ from .data import PairDataset, build_pair_cache, check_pair_cache, pair_cache_fi
 from .encoder import truncation
 from .errors import Llama2VecError
 from .losses import PretextModel, PretextWeights
-from .models import add_placeholder_tokens, apply_lora, load_causal_lm
+from .models import add_placeholder_tokens, apply_lora, resolve_device
 from .prompts import prompt_ids, resolve_prompt
-from .train import finish, is_main_rank, make_accelerator, prepare_output, resolve_precision, run_training
+from .train import (
+    finish,
+    is_main_rank,
+    load_training_lm,
+    make_accelerator,
+    prepare_output,
+    resolve_precision,
+    run_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +62,9 @@ def adapt(model_cfg: ModelConfig, prompt_cfg: PromptConfig, pretext_cfg: Pretext
                              "--attn-implementation sdpa, or --no-joint (two passes, about 1.8x the compute)")
     out = prepare_output(train_cfg)
     model_cfg, precision = resolve_precision(model_cfg, train_cfg)
-    tokenizer, lm, device = load_causal_lm(model_cfg)
+    device = resolve_device(model_cfg.device)  # the process group and this process's device come first
     accelerator = make_accelerator(train_cfg, device, out, precision)
+    tokenizer, lm = load_training_lm(model_cfg, train_cfg, device)
     accelerator.wait_for_everyone()  # the main process has made the output folder
     spec = resolve_prompt(prompt_cfg, data_cfg.max_length)
     placeholder_ids = add_placeholder_tokens(tokenizer, lm, spec.new_tokens())

