@@ -849,7 +849,8 @@ def test_fuzz_json_config(folder, case):
 CHOICES = {"dtype": ["auto", "float32", "bfloat16", "float16"], "attn_implementation": ["sdpa", "eager"],
            "prompt_preset": ["llara", "paper"], "query_prompt": ["next", "self"], "pooling": [None, "mean", "last"],
            "precision": ["auto", "fp32", "bf16-mixed", "bf16"],
-           "fsdp": [False]}  # --fsdp goes with --full alone (finetune trains LoRA by default): tested elsewhere
+           # --fsdp goes with --full alone (finetune trains LoRA by default), --fsdp-offload with --fsdp
+           "fsdp": [False], "fsdp_offload": [False]}
 
 
 @functools.cache

@@ -235,9 +235,12 @@ def load_empty_lm(cfg: ModelConfig, path: str, dtype: torch.dtype):
     weights from another builds instead of reading a whole copy (see train.load_from_rank0)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    except (OSError, ValueError) as e:
+        raise Llama2VecError(f"cannot load the model {path!r}: {e}") from None
     return model.eval()
 
 

@@ -428,6 +428,7 @@ def load_training_lm(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.dev
     if device.type == "cpu":
         setup_cpu()
     path = path or resolve_model_path(model_cfg.model)
+    tokenizer = load_tokenizer(path)
     empty = load_empty_lm(model_cfg, path, resolve_dtype(model_cfg.dtype, device))  # no storage
     if cfg.fsdp:
         import torch.distributed.checkpoint.state_dict  # noqa: F401
@@ -437,7 +438,7 @@ def load_training_lm(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.dev
         return load_causal_lm(model_cfg, path, device)[:2]
     if is_main_rank():
         return load_causal_lm(model_cfg, path, torch.device("cpu"))[:2]
-    return load_tokenizer(path), empty
+    return tokenizer, empty
 
 
 def run_training(accelerator, module: nn.Module, dataset, collator: Callable, cfg: TrainConfig, out: Path,
