@@ -209,7 +209,7 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelConfig, path: str | None = None, device: torch.device | None = None):
+def load_causal_lm(cfg: ModelConfig, path: str | None = None, device: torch.device | None = None, tokenizer=None):
     """Return (tokenizer, model, device) for cfg.model, in eval mode, its weights read straight onto this
     process's device (`device`, else `resolve_device(cfg.device)`) in its dtype: no full copy on the CPU
     first where the device is a GPU."""
@@ -220,7 +220,7 @@ def load_causal_lm(cfg: ModelConfig, path: str | None = None, device: torch.devi
     if device.type == "cpu":
         setup_cpu()
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = load_tokenizer(path)
+    tokenizer = tokenizer or load_tokenizer(path)  # a caller that read it already passes it
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
                                                      device_map={"": device})

@@ -170,7 +170,7 @@ def init_distributed(device: torch.device, fsdp: bool = False) -> None:
         return
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    if "WORLD_SIZE" in os.environ and (world_size() > 1 or fsdp):
+    if "WORLD_SIZE" in os.environ and (int(os.environ["WORLD_SIZE"]) > 1 or fsdp):
         dist.init_process_group(backend, **kwargs)
     elif fsdp:
         global _OWN_GROUP
@@ -189,10 +189,6 @@ def close_own_group() -> None:
         if dist.is_initialized():  # accelerate's end_training may have closed it
             dist.destroy_process_group()
         _OWN_GROUP = False
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def shard(module: nn.Module, device: torch.device, bf16: bool, offload: bool = False,
@@ -435,9 +431,9 @@ def load_training_lm(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.dev
         import torch.distributed.fsdp  # noqa: F401
     _RSS_BEFORE_WEIGHTS[0] = rss_mib()
     if not cfg.fsdp:
-        return load_causal_lm(model_cfg, path, device)[:2]
+        return tokenizer, load_causal_lm(model_cfg, path, device, tokenizer)[1]
     if is_main_rank():
-        return load_causal_lm(model_cfg, path, torch.device("cpu"))[:2]
+        return tokenizer, load_causal_lm(model_cfg, path, torch.device("cpu"), tokenizer)[1]
     return tokenizer, empty
 
 
