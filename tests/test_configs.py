@@ -18,13 +18,13 @@ from llama2vec.config import FINETUNE_CONFIGS, build_configs
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-def launch(*command: str) -> str:
+def launch(*command: str, **env: str) -> str:
     import os
     import subprocess
     import sys
 
     proc = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -76,11 +76,25 @@ def test_the_paper_recipes_hold_the_paper_settings():
     assert con.cross_device and train.learning_rate == 3e-4 and train.epochs == 1 and prompt.query_prompt == "next"
 
 
+# glibc keeps freed memory for reuse, so that a process's resident memory grows past what it holds; with a fixed
+# mmap threshold large blocks go back to the system when freed, and the peak follows the tensors held.
+LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def planned_mib(command: list[str]) -> float:
+    """The memory a process needs by `llama2vec ... --dry-run` for 2 processes on this machine, MiB."""
+    shown = launch(*command[command.index("llama2vec"):], "--dry-run", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   RANK="0", LOCAL_RANK="0")
+    total = next(line for line in shown.splitlines() if line.strip().startswith("total"))
+    return float(total.split()[1]) * 1024
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_the_adaptation_recipe_runs_on_the_bundled_model_under_fsdp(tmp_path):
     """The paper's adaptation recipe on SmolLM2 under torchrun, 2 CPU processes, --fsdp and --fsdp-offload, for
-    2 steps: it trains, saves a plain model folder, and resumes from its sharded checkpoint."""
+    2 steps: it trains, saves a plain model folder, and resumes from its sharded checkpoint. Its dry run's memory a
+    process is within 25% of each process's measured peak, with --fsdp and without."""
     import shutil
 
     from safetensors.torch import load_file
@@ -97,7 +111,10 @@ def test_the_adaptation_recipe_runs_on_the_bundled_model_under_fsdp(tmp_path):
                "--corpus", str(corpus), "--output", str(out), "--max-steps", "2", "--batch-size", "1",
                "--grad-accum", "2", "--max-length", "32", "--logging-steps", "1", "--save-steps", "1",
                "--fsdp", "--fsdp-offload", "--resume"]
-    launch(*command)
+    launch(*command, **LIVE_MEMORY)
+    plan = planned_mib(command)
+    peaks = [json.loads(p.read_text())["peak_rss_mib"]["end"] for p in sorted((out / "ranks").iterdir())]
+    assert len(peaks) == 2 and all(abs(plan - peak) <= 0.25 * peak for peak in peaks), (plan, peaks)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and (out / "llama2vec_config.json").is_file()
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
@@ -112,3 +129,11 @@ def test_the_adaptation_recipe_runs_on_the_bundled_model_under_fsdp(tmp_path):
     launch(*[str(cut) if c == str(out) else c for c in command])
     a, b = load_file(out / "model.safetensors"), load_file(cut / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    ddp = [c for c in command if c not in ("--fsdp", "--fsdp-offload", "--resume")]  # a whole copy a process
+    ddp[ddp.index(str(out))] = str(tmp_path / "ddp")
+    ddp[ddp.index("--max-steps") + 1] = "1"
+    launch(*ddp, **LIVE_MEMORY)
+    plan = planned_mib(ddp)
+    peaks = [json.loads(p.read_text())["peak_rss_mib"]["end"] for p in sorted((tmp_path / "ddp" / "ranks").iterdir())]
+    assert len(peaks) == 2 and all(abs(plan - peak) <= 0.25 * peak for peak in peaks), (plan, peaks)

@@ -33,10 +33,49 @@ FUSION_HELP = ("How runs are fused: rrf (default: equal-weight reciprocal rank f
                "dev figures.")
 
 
+PLAN_FLAGS = ("dry_run", "plan_gpus", "plan_gpu_memory", "plan_nodes", "plan_gpu_tflops", "plan_host_memory")
+
+
+def _plan_args(args: argparse.Namespace) -> dict | None:
+    """The --dry-run target (removed from `args`), or None for a real run."""
+    values = {name: getattr(args, name) for name in PLAN_FLAGS}
+    for name in PLAN_FLAGS:
+        delattr(args, name)
+    if not values.pop("dry_run"):
+        given = [f"--{k.replace('_', '-')}" for k, v in values.items() if v is not None and k != "plan_nodes"]
+        if given:
+            raise Llama2VecError(f"{', '.join(given)} describe(s) the target of --dry-run: add --dry-run")
+        return None
+    return {"gpus": values["plan_gpus"], "gpu_memory": values["plan_gpu_memory"], "nodes": values["plan_nodes"] or 1,
+            "gpu_tflops": values["plan_gpu_tflops"], "host_memory": values["plan_host_memory"]}
+
+
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dry run", "Plan the launch without training: world size, each rank's device, the "
+                                        "sharding, the memory each process needs against its device's, the steps, "
+                                        "tokens and time; exits 2 with what would fit when it does not fit.")
+    g.add_argument("--dry-run", action="store_true", help="Print the plan and exit (0: it fits).")
+    g.add_argument("--plan-gpus", type=int, help="Plan for this many GPUs (one process each) instead of the "
+                                                 "processes this command runs on.")
+    g.add_argument("--plan-gpu-memory", type=float, help="GiB of each of those GPUs (an 80 GB H100 or A100: 80).")
+    g.add_argument("--plan-nodes", type=int, help="Machines the GPUs are spread over (default 1).")
+    g.add_argument("--plan-gpu-tflops", type=float, help="A GPU's dense bfloat16 TFLOP/s, for the time estimate "
+                                                        "(an H100 SXM: 989).")
+    g.add_argument("--plan-host-memory", type=float, help="GiB of CPU memory a node, checked under --fsdp.")
+
+
 def _adapt(args: argparse.Namespace) -> None:
     from .adapt import adapt
 
-    result = adapt(*build_configs(args, ModelConfig, PromptConfig, PretextConfig, DataConfig, TrainConfig))
+    target = _plan_args(args)
+    configs = build_configs(args, ModelConfig, PromptConfig, PretextConfig, DataConfig, TrainConfig)
+    if target is not None:
+        from .plan import dry_run
+
+        model_cfg, prompt_cfg, pretext_cfg, data_cfg, train_cfg = configs
+        dry_run("adapt", model_cfg, train_cfg, target, prompt_cfg, pretext_cfg, data_cfg)
+        return
+    result = adapt(*configs)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in result.items() if k not in ("data", "model")}, indent=2, default=str))
 
@@ -44,7 +83,15 @@ def _adapt(args: argparse.Namespace) -> None:
 def _finetune(args: argparse.Namespace) -> None:
     from .finetune import finetune
 
-    result = finetune(*build_configs(args, *FINETUNE_CONFIGS))
+    target = _plan_args(args)
+    configs = build_configs(args, *FINETUNE_CONFIGS)
+    if target is not None:
+        from .plan import dry_run
+
+        model_cfg, prompt_cfg, con_cfg, train_cfg = configs
+        dry_run("finetune", model_cfg, train_cfg, target, prompt_cfg, con_cfg=con_cfg)
+        return
+    result = finetune(*configs)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in result.items() if k != "model"}, indent=2, default=str))
 
@@ -266,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, ModelConfig, PromptConfig, PretextConfig, DataConfig, TrainConfig)
     p.add_argument("--full", dest="lora", action="store_false", default=argparse.SUPPRESS,
                    help="Train all weights (the default for adapt); the opposite of --lora.")
+    _add_plan_flags(p)
     p.set_defaults(func=_adapt)
 
     p = sub.add_parser("finetune", help="Contrastive fine-tuning for retrieval (InfoNCE).",
@@ -275,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, *FINETUNE_CONFIGS)
     p.add_argument("--full", dest="lora", action="store_false", default=argparse.SUPPRESS,
                    help="Train all weights instead of LoRA adapters.")
+    _add_plan_flags(p)
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("mine", help="Mine hard negatives with BM25 or a dense model.")

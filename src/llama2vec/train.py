@@ -328,15 +328,18 @@ def padding_fraction(lengths, order: list[int], batch_size: int, fixed: int = 0)
 # The loop
 
 
-def resolve_precision(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[ModelConfig, str]:
+def resolve_precision(model_cfg: ModelConfig, cfg: TrainConfig, device_type: str | None = None
+                      ) -> tuple[ModelConfig, str]:
     """(the model config to load for training, the precision): fp32 and bf16-mixed load float32
     weights (bf16-mixed computes in bfloat16 under autocast, its optimizer updates float32 master
-    weights), bf16 loads bfloat16 weights. auto: bf16-mixed on CUDA, fp32 on CPU."""
+    weights), bf16 loads bfloat16 weights. auto: bf16-mixed on CUDA, fp32 on CPU (the device of `--device`
+    here, or `device_type`)."""
     from .models import resolve_device
 
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16-mixed" if resolve_device(model_cfg.device).type == "cuda" else "fp32"
+        device_type = device_type or resolve_device(model_cfg.device).type
+        precision = "bf16-mixed" if device_type == "cuda" else "fp32"
     dtype = "bfloat16" if precision == "bf16" else "float32"
     if model_cfg.dtype not in ("auto", dtype):
         raise Llama2VecError(f"--dtype {model_cfg.dtype} does not go with --precision {precision} (weights in "
