@@ -1,6 +1,7 @@
 """`adapt --dry-run` and `finetune --dry-run`: the plan of a launch, made without training or writing anything."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,34 @@ def test_finetune_plan_counts_the_examples_and_fits_here(tiny_model_dir, tmp_pat
     assert "steps: 3 of 4 examples each (the examples of" in shown  # ceil(10 / 4) batches, one epoch
     assert "LoRA" in shown and "devices: rank 0 -> node 0 cpu" in shown and shown.endswith("fits\n")
     assert not (tmp_path / "o").exists()
+
+
+def run_cli(*args: str, **env: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "llama2vec", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_planned_peak_meets_the_measured_one_where_activations_weigh(sized_model_dir, tmp_path, checkpointing):
+    """A 110 MiB model on 4 x 160-token rows, where the activations weigh (a third of the peak; under gradient
+    checkpointing the layer inputs and one layer's, much less): the dry run's peak is within 25% of the peak resident memory the run reaches (glibc's mmap threshold fixed, so that
+    freed blocks leave the process: see test_configs.LIVE_MEMORY)."""
+    corpus = tmp_path / "long.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(d), "title": f"T{d}", "text": " ".join(SENTENCES * 30)}) + "\n"
+                              for d in range(4)))
+    args = ["adapt", "--model", str(sized_model_dir), "--device", "cpu", "--corpus", str(corpus), "--output",
+            str(tmp_path / "out"), "--max-steps", "2", "--batch-size", "4", "--max-length", "128", "--precision",
+            "fp32", "--save-steps", "0", *(["--gradient-checkpointing"] if checkpointing else [])]
+    shown = run_cli(*args, "--dry-run")
+    planned = float(re.search(r"peak \(held \+ the larger phase\) +([\d.]+) GiB", shown).group(1)) * 1024
+    activations = float(re.search(r"activations +([\d.]+) GiB", shown).group(1)) * 1024
+    run_cli(*args, MALLOC_MMAP_THRESHOLD_="65536")
+    peak = json.loads((tmp_path / "out" / "ranks" / "rank-0.json").read_text())["peak_rss_mib"]["end"]
+    assert activations > (0.05 if checkpointing else 0.25) * peak and abs(planned - peak) <= 0.25 * peak, (planned, activations, peak)

@@ -10,7 +10,7 @@ adapters the run adds; no storage) and prices each process's memory part by part
   with its gradients and their float32 copy for the reduction; two decoder layers are gathered at a time;
 - bf16-mixed without FSDP: autocast's bfloat16 copies of the linear weights, kept for the backward pass;
 - the activations of one micro-batch at the longest rows it can hold, per decoder layer and token
-  2(r + 4)h + c(5h + 2kv + 4i) bytes (r: the residual stream's bytes, c: the compute dtype's; h, kv, i: the
+  2(r + 4)h + c(4h + 2kv + 4i) bytes (r: the residual stream's bytes, c: the compute dtype's; h, kv, i: the
   hidden, key-value and MLP widths), plus the attention probabilities (c heads L) under eager attention; under
   gradient checkpointing the layer inputs alone, plus one layer recomputed; and the LM head's logits;
 - the runtime: on a CPU this process's own resident memory once the code is loaded (measured as the plan runs);
@@ -166,7 +166,7 @@ def activation_bytes(shape: Shape, work: Work, precision: str, fsdp: bool, check
                      eager: bool) -> float:
     _, c, r = dtype_bytes(precision, fsdp)
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_width
-    per_token = 2 * (r + 4) * h + c * (5 * h + 2 * kv + 4 * i)  # one decoder layer
+    per_token = 2 * (r + 4) * h + c * (4 * h + 2 * kv + 4 * i)  # one decoder layer
     total = 0.0
     for rows, length in work.passes:
         layer = rows * length * (per_token + (c * shape.heads * length if eager else 0))
@@ -307,9 +307,23 @@ class Plan:
     examples_note: str
     example_tokens: int
 
+    def phase(self, part: str) -> str:
+        """When a part is held: throughout ('held'), in the forward and backward passes ('backward'), or from the
+        backward pass to the optimizer step ('step'; held throughout under gradient accumulation)."""
+        if part in ("activations", "bfloat16 weight copies", "gathered units"):
+            return "backward"
+        if part == "optimizer step" or (part.startswith("gradients") and self.cfg.grad_accum == 1):
+            return "step"
+        return "held"
+
     @property
     def per_process(self) -> float:
-        return sum(self.device.values())
+        """The peak: what is held throughout, plus the larger of the passes' and the optimizer step's parts
+        (activations are freed as the backward pass makes the gradients)."""
+        sums = {"held": 0.0, "backward": 0.0, "step": 0.0}
+        for part, value in self.device.items():
+            sums[self.phase(part)] += value
+        return sums["held"] + max(sums["backward"], sums["step"])
 
     @property
     def limit(self) -> float:
@@ -418,8 +432,9 @@ def describe(plan: Plan, command: str) -> str:
     checkpointing = "on" if cfg.gradient_checkpointing else "off"
     lines.append(f"micro-batch: {rows} a process; gradient checkpointing {checkpointing}")
     lines.append(f"memory a process ({t.device}):")
-    lines += [f"  {name:<36} {_gib(v):>10}" for name, v in plan.device.items()]
-    lines.append(f"  {'total':<36} {_gib(plan.per_process):>10}  of {_gib(plan.limit)} usable "
+    when = {"held": "held throughout", "backward": "forward and backward", "step": "backward to optimizer step"}
+    lines += [f"  {name:<36} {_gib(v):>10}  {when[plan.phase(name)]}" for name, v in plan.device.items()]
+    lines.append(f"  {'peak (held + the larger phase)':<36} {_gib(plan.per_process):>10}  of {_gib(plan.limit)} usable "
                  + (f"(90% of {_gib(t.memory)} a GPU)" if t.device == "cuda" else
                     f"(90% of {_gib(t.memory)} available here, shared by {t.per_node} process(es))"))
     if t.device == "cuda" and plan.host:
