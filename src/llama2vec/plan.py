@@ -51,7 +51,9 @@ class Shape:
 
     params: int  # distinct parameters (a tied LM head counted once)
     trainable: int
-    largest_trainable: int  # the largest trainable tensor
+    param_bytes: int  # in the dtypes the run holds them (LoRA adapters in float32 over bfloat16 weights)
+    trainable_bytes: int
+    largest_trainable: int  # bytes of the largest trainable tensor
     layers: int
     layer_params: int  # one decoder layer
     root_params: int  # FSDP's root unit: everything but the first layers-1 decoder layers
@@ -122,8 +124,8 @@ def model_shape(model_cfg: ModelConfig, path: str, dtype: torch.dtype, new_token
         raise Llama2VecError(f"--dry-run: no decoder layer list found in {type(decoder).__name__}")
     config = base.config
 
-    def count(params) -> int:
-        return sum(p.numel() for p in {id(p): p for p in params}.values())
+    def count(params, size: bool = False) -> int:
+        return sum(p.numel() * (p.element_size() if size else 1) for p in {id(p): p for p in params}.values())
 
     in_layers = {id(p) for layer in layers[:-1] for p in layer.parameters()}
     linears = [m for m in lm.modules() if isinstance(m, nn.Linear)]
@@ -133,7 +135,9 @@ def model_shape(model_cfg: ModelConfig, path: str, dtype: torch.dtype, new_token
     return Shape(
         params=count(lm.parameters()),
         trainable=count(p for p in lm.parameters() if p.requires_grad),
-        largest_trainable=max((p.numel() for p in lm.parameters() if p.requires_grad), default=0),
+        param_bytes=count(lm.parameters(), size=True),
+        trainable_bytes=count((p for p in lm.parameters() if p.requires_grad), size=True),
+        largest_trainable=max((p.numel() * p.element_size() for p in lm.parameters() if p.requires_grad), default=0),
         layers=len(layers),
         layer_params=max(count(layer.parameters()) for layer in layers),
         root_params=count(p for p in lm.parameters() if id(p) not in in_layers),
@@ -186,13 +190,14 @@ def rank_memory(shape: Shape, work: Work, cfg: TrainConfig, precision: str, worl
     process's whole copy of the model under --fsdp included). On a CPU, --fsdp-offload's parts count as the
     device's: they are the same memory."""
     w, c, _ = dtype_bytes(precision, cfg.fsdp)
-    state = dict(weights=shape.params * w, gradients=shape.trainable * w, optimizer=2 * shape.trainable * w)
+    trained = shape.trainable_bytes  # gradients and AdamW's states take the dtype of their weights
+    state = dict(weights=shape.param_bytes, gradients=trained, optimizer=2 * trained)
     device: dict[str, float] = {"runtime": runtime}
     host: dict[str, float] = {}
     # AdamW's step: on a GPU torch's foreach kernels take a temporary as large as the trainable weights (held by
     # this process), on a CPU one parameter at a time.
     on_cpu = device_type == "cpu"
-    step = (shape.largest_trainable if on_cpu or cfg.fsdp_offload else shape.trainable / (world if cfg.fsdp else 1))
+    step = shape.largest_trainable if on_cpu or cfg.fsdp_offload else trained / (world if cfg.fsdp else 1)
     if cfg.fsdp:
         sharded = {k: v / world for k, v in state.items()}
         offloaded = cfg.fsdp_offload and not on_cpu
@@ -200,16 +205,16 @@ def rank_memory(shape: Shape, work: Work, cfg: TrainConfig, precision: str, worl
         gathered_c = c if precision == "bf16-mixed" else w
         device["gathered units"] = (shape.root_params * (2 * gathered_c + 4) + 2 * shape.layer_params * gathered_c
                                     + shape.layer_params * (gathered_c + 4))
-        host[WHOLE] = shape.params * w  # before it sends the shards
+        host[WHOLE] = shape.param_bytes  # before it sends the shards
     else:
         device.update(state)
         if world > 1:
-            device["DDP buckets"] = shape.trainable * w
+            device["DDP buckets"] = trained
         if precision == "bf16-mixed":
             layer_share = shape.layer_matmul_params / shape.layers if cfg.gradient_checkpointing else 0
             kept = shape.linear_params - (shape.layer_matmul_params - layer_share if cfg.gradient_checkpointing else 0)
             device["bfloat16 weight copies"] = kept * 2
-    (host if cfg.fsdp_offload and not on_cpu else device)["optimizer step"] = step * w
+    (host if cfg.fsdp_offload and not on_cpu else device)["optimizer step"] = step
     device["activations"] = activation_bytes(shape, work, precision, cfg.fsdp, cfg.gradient_checkpointing, eager)
     return device, host
 
@@ -404,7 +409,10 @@ def alternative(plan: Plan, build) -> tuple[str, Plan] | None:
         changes.update(step)
         candidate = build(dataclasses.replace(cfg, **changes))
         if candidate.fits:
-            return flags(changes), candidate
+            shown = flags(changes)
+            if "batch_size" in changes and plan.work.logit_positions == 0:  # contrastive: the loss changes
+                shown += " (each micro-batch then holds fewer in-batch negatives)"
+            return shown, candidate
     return None
 
 
