@@ -93,8 +93,9 @@ def planned_mib(command: list[str]) -> float:
 @pytest.mark.integration
 def test_the_adaptation_recipe_runs_on_the_bundled_model_under_fsdp(tmp_path):
     """The paper's adaptation recipe on SmolLM2 under torchrun, 2 CPU processes, --fsdp and --fsdp-offload, for
-    2 steps: it trains, saves a plain model folder, and resumes from its sharded checkpoint. Its dry run's memory a
-    process is within 25% of each process's measured peak, with --fsdp and without."""
+    2 steps: it trains, saves a plain model folder, and resumes from its sharded checkpoint (under --fsdp alone) to
+    the same weights. Its dry run's memory a process is within 25% of each process's measured peak, with --fsdp and
+    without."""
     import shutil
 
     from safetensors.torch import load_file
@@ -126,7 +127,8 @@ def test_the_adaptation_recipe_runs_on_the_bundled_model_under_fsdp(tmp_path):
     shutil.rmtree(cut / "checkpoints" / "checkpoint-2")
     for name in ("llama2vec_config.json", "model.safetensors"):
         (cut / name).unlink()
-    launch(*[str(cut) if c == str(out) else c for c in command])
+    # Resumed with --fsdp alone: the sharded checkpoint does not depend on where the shards were kept.
+    launch(*[str(cut) if c == str(out) else c for c in command if c != "--fsdp-offload"])
     a, b = load_file(out / "model.safetensors"), load_file(cut / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 

@@ -38,9 +38,7 @@ PLAN_FLAGS = ("dry_run", "plan_gpus", "plan_gpu_memory", "plan_nodes", "plan_gpu
 
 def _plan_args(args: argparse.Namespace) -> dict | None:
     """The --dry-run target (removed from `args`), or None for a real run."""
-    values = {name: getattr(args, name) for name in PLAN_FLAGS}
-    for name in PLAN_FLAGS:
-        delattr(args, name)
+    values = {name: vars(args).pop(name, None) for name in PLAN_FLAGS}  # flags absent unless given
     if not values.pop("dry_run"):
         given = [f"--{k.replace('_', '-')}" for k, v in values.items() if v is not None and k != "plan_nodes"]
         if given:
@@ -51,17 +49,20 @@ def _plan_args(args: argparse.Namespace) -> dict | None:
 
 
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """The --dry-run flags: absent from the parsed arguments unless given (they are no config's fields)."""
     g = p.add_argument_group("dry run", "Plan the launch without training: world size, each rank's device, the "
                                         "sharding, the memory each process needs against its device's, the steps, "
                                         "tokens and time; exits 2 with what would fit when it does not fit.")
-    g.add_argument("--dry-run", action="store_true", help="Print the plan and exit (0: it fits).")
-    g.add_argument("--plan-gpus", type=int, help="Plan for this many GPUs (one process each) instead of the "
-                                                 "processes this command runs on.")
-    g.add_argument("--plan-gpu-memory", type=float, help="GiB of each of those GPUs (an 80 GB H100 or A100: 80).")
-    g.add_argument("--plan-nodes", type=int, help="Machines the GPUs are spread over (default 1).")
-    g.add_argument("--plan-gpu-tflops", type=float, help="A GPU's dense bfloat16 TFLOP/s, for the time estimate "
-                                                        "(an H100 SXM: 989).")
-    g.add_argument("--plan-host-memory", type=float, help="GiB of CPU memory a node, checked under --fsdp.")
+    g.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS,
+                   help="Print the plan and exit (0: it fits).")
+    for flag, kind, text in (
+            ("--plan-gpus", int, "Plan for this many GPUs (one process each) instead of the processes this command "
+                                 "runs on."),
+            ("--plan-gpu-memory", float, "GiB of each of those GPUs (an 80 GB H100 or A100: 80)."),
+            ("--plan-nodes", int, "Machines the GPUs are spread over (default 1)."),
+            ("--plan-gpu-tflops", float, "A GPU's dense bfloat16 TFLOP/s, for the time estimate (an H100 SXM: 989)."),
+            ("--plan-host-memory", float, "GiB of CPU memory a node, checked under --fsdp.")):
+        g.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=text)
 
 
 def _adapt(args: argparse.Namespace) -> None:

@@ -354,7 +354,7 @@ class Plan:
             return self.cfg.max_steps
         if self.examples is None:
             return None
-        batches = math.ceil(self.examples / (self.cfg.batch_size * self.target.world))
+        batches = math.ceil(math.ceil(self.examples / self.target.world) / self.cfg.batch_size)  # a process's
         return max(1, math.ceil(self.cfg.epochs * max(1, math.ceil(batches / self.cfg.grad_accum))))
 
     @property

@@ -395,7 +395,8 @@ _RSS_BEFORE_WEIGHTS: list[float] = [0.0]  # set by load_training_lm, read by the
 def write_rank_report(accelerator, module: nn.Module, out: Path, loaded_mib: float) -> dict:
     """`out/ranks/rank-R.json`: this process's rank, device, the devices its weights live on and how many
     bytes of them it holds, and its resident memory just before the weights were read (`start`, the code that
-    runs them loaded), its peak after they were placed or sharded (`loaded`) and at the end of training (`end`)."""
+    runs them loaded), its peak after they were placed or sharded (`loaded`) and at the end of training (`end`); on
+    a GPU also the CUDA allocator's peak (`peak_gpu_mib`)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
     report = {"rank": int(os.environ.get("RANK", "0")), "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
               "world_size": accelerator.num_processes, "device": str(process_device(accelerator)),
@@ -403,6 +404,11 @@ def write_rank_report(accelerator, module: nn.Module, out: Path, loaded_mib: flo
               "weights_mib": round(sum(t.numel() * t.element_size() for t in local) / 2**20, 1),
               "peak_rss_mib": {"start": round(_RSS_BEFORE_WEIGHTS[0], 1), "loaded": round(loaded_mib, 1),
                                "end": round(peak_rss_mib(), 1)}}
+    device = process_device(accelerator)
+    if device.type == "cuda":  # the caching allocator's peak, and the device's use at the end (CUDA context included)
+        free, total = torch.cuda.mem_get_info(device)
+        report["peak_gpu_mib"] = {"reserved": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+                                  "used_at_end": round((total - free) / 2**20, 1)}
     write_json(out / RANKS / f"rank-{report['rank']}.json", report)
     log.info("rank %d: %s, weights on %s (%.1f MiB), peak memory %s MiB", report["rank"], report["device"],
              ", ".join(report["weights_on"]), report["weights_mib"], report["peak_rss_mib"])
