@@ -10,7 +10,11 @@ import torch
 
 torch.set_flush_denormal(True)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the cores shared out, not N x all of them
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    import faiss  # its OpenMP threads spin while they wait: oversubscribed, they slow every worker
+
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    faiss.omp_set_num_threads(_threads)
 
 SENTENCES = [
     "The cat sat on the mat. It was a sunny day!",

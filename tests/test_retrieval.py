@@ -200,6 +200,28 @@ def test_approximate_indexes_and_round_trip(tmp_path):
         build_index(p, "NoSuchIndex")
 
 
+def test_pq_codebooks_trained_without_the_polysemous_step_find_the_same():
+    """FAISS's polysemous step (on by default, most of an IVF-PQ's training time) only reorders the codes: the
+    index llama2vec builds without it finds the same passages with the same scores."""
+    import faiss
+
+    from llama2vec.index import new_index
+
+    p, q = random_unit(2000, 16, 6), random_unit(30, 16, 7)
+    fast = build_index(p, "IVF8,PQ2")
+    assert not faiss.downcast_index(faiss.extract_index_ivf(fast)).do_polysemous_training
+    slow = faiss.index_factory(16, "IVF8,PQ2", faiss.METRIC_INNER_PRODUCT)  # FAISS's default
+    slow.train(p)
+    slow.add(p)
+    for params in (None, "nprobe=8"):
+        (fs, fi), (ss, si) = search_index(fast, q, 10, params=params), search_index(slow, q, 10, params=params)
+        np.testing.assert_array_equal(fi, si)
+        assert np.abs(fs - ss).max() <= 1e-6
+    behind_pca = new_index(16, "IVF8,PQ2", pca=8)
+    assert not faiss.downcast_index(faiss.extract_index_ivf(behind_pca)).do_polysemous_training
+    assert not faiss.downcast_index(new_index(16, "PQ4")).do_polysemous_training
+
+
 # ---------------------------------------------------------------------------------------------- pipeline
 
 

@@ -20,9 +20,26 @@ def new_index(dim: int, factory: str, pca: int | None = None):
 
     full = f"PCA{pca},{factory}" if pca else factory
     try:
-        return faiss.index_factory(dim, full, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, full, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise Llama2VecError(f"bad FAISS index factory string {full!r}: {str(e).splitlines()[-1]}") from None
+    polysemous_off(index)
+    return index
+
+
+def polysemous_off(index) -> None:
+    """Train PQ codebooks without FAISS's polysemous step: it only reorders the codes so that Hamming distances
+    between them mean something, which a search by inner product never uses, and it takes most of the training
+    time (the same hits and scores: tested)."""
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    try:
+        inner = faiss.downcast_index(faiss.extract_index_ivf(inner))
+    except RuntimeError:  # not an IVF index
+        pass
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False
 
 
 def train(index, sample: np.ndarray, gpu: bool = False) -> None:
