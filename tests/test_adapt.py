@@ -317,12 +317,13 @@ def test_fsdp_equals_ddp_with_offload_checkpointing_and_clipping_holds_half_and_
 
     common = ["adapt", "--model", str(sized_model_dir), "--corpus", str(tiny_corpus), "--device", "cpu", "--full",
               "--max-steps", "3", "--batch-size", "2", "--max-length", "24", "--logging-steps", "1",
-              "--save-steps", "1", "--learning-rate", "1e-2", "--gradient-checkpointing", "--resume"]
+              "--learning-rate", "1e-2", "--gradient-checkpointing", "--resume"]  # one checkpoint, at the end
     clip = ["--max-grad-norm", "0.05"]
     said = torchrun(*common, *clip, "--output", str(tmp_path / "ddp"))
     assert said.count('"steps": 3') == 1  # only the main process reports
     torchrun(*common, *clip, "--fsdp", "--output", str(tmp_path / "fsdp"))
-    said = torchrun(*common, *clip, "--fsdp", "--fsdp-offload", "--output", str(tmp_path / "offload"))
+    said = torchrun(*common, *clip, "--fsdp", "--fsdp-offload", "--save-steps", "1", "--output",
+                    str(tmp_path / "offload"))
     assert said.count("FSDP: weights sharded over 2 processes, kept in CPU memory") == 2  # on each process
     weights = {name: load_file(tmp_path / name / "model.safetensors") for name in ("ddp", "fsdp", "offload")}
     base = load_file(sized_model_dir / "model.safetensors")
@@ -360,7 +361,7 @@ def test_fsdp_equals_ddp_with_offload_checkpointing_and_clipping_holds_half_and_
     for name in ("llama2vec_config.json", "model.safetensors"):
         (cut / name).unlink()
     assert (cut / "checkpoints" / "checkpoint-2" / "fsdp").is_dir()  # every process's shards
-    torchrun(*common, *clip, "--fsdp", "--fsdp-offload", "--output", str(cut))
+    torchrun(*common, *clip, "--fsdp", "--fsdp-offload", "--save-steps", "1", "--output", str(cut))
     assert [json.loads(line)["step"] for line in (cut / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert largest_difference(load_file(cut / "model.safetensors"), weights["offload"]) <= 1e-6
 
