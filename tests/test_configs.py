@@ -93,13 +93,9 @@ def planned_mib(command: list[str]) -> float:
 @pytest.mark.integration
 def test_the_adaptation_recipe_runs_on_the_bundled_model_under_fsdp(tmp_path):
     """The paper's adaptation recipe on SmolLM2 under torchrun, 2 CPU processes, --fsdp and --fsdp-offload, for
-    2 steps: it trains, saves a plain model folder, and resumes from its sharded checkpoint (under --fsdp alone) to
-    the same weights. Its dry run's memory a process is within 25% of each process's measured peak, with --fsdp and
-    without."""
-    import shutil
-
-    from safetensors.torch import load_file
-
+    2 steps: it trains and saves a plain model folder and its sharded checkpoint (resumed exactly: see
+    test_adapt's FSDP test). Its dry run's memory a process is within 25% of each process's measured peak, with
+    --fsdp and without (DDP)."""
     from llama2vec.models import resolve_model_path
 
     resolve_model_path("smollm2")  # converted once, before two processes would race to
@@ -110,8 +106,7 @@ def test_the_adaptation_recipe_runs_on_the_bundled_model_under_fsdp(tmp_path):
     command = ["torch.distributed.run", "--nproc-per-node", "2", "-m", "llama2vec", "adapt",
                "--config", str(CONFIGS / "paper" / "adapt-llama2-7b.yaml"), "--model", "smollm2", "--device", "cpu",
                "--corpus", str(corpus), "--output", str(out), "--max-steps", "2", "--batch-size", "1",
-               "--grad-accum", "2", "--max-length", "32", "--logging-steps", "1", "--save-steps", "1",
-               "--fsdp", "--fsdp-offload", "--resume"]
+               "--grad-accum", "2", "--max-length", "32", "--logging-steps", "1", "--fsdp", "--fsdp-offload"]
     launch(*command, **LIVE_MEMORY)
     plan = planned_mib(command)
     peaks = [json.loads(p.read_text())["peak_rss_mib"]["end"] for p in sorted((out / "ranks").iterdir())]
@@ -120,19 +115,9 @@ def test_the_adaptation_recipe_runs_on_the_bundled_model_under_fsdp(tmp_path):
     assert [r["step"] for r in log] == [1, 2] and (out / "llama2vec_config.json").is_file()
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert saved["train"]["learning_rate"] == 1e-5 and saved["train"]["gradient_checkpointing"] is True
-    assert saved["train"]["fsdp_offload"] is True
+    assert saved["train"]["fsdp_offload"] is True and (out / "checkpoints" / "checkpoint-2" / "fsdp").is_dir()
 
-    cut = tmp_path / "cut"  # stopped after its first checkpoint
-    shutil.copytree(out, cut)
-    shutil.rmtree(cut / "checkpoints" / "checkpoint-2")
-    for name in ("llama2vec_config.json", "model.safetensors"):
-        (cut / name).unlink()
-    # Resumed with --fsdp alone: the sharded checkpoint does not depend on where the shards were kept.
-    launch(*[str(cut) if c == str(out) else c for c in command if c != "--fsdp-offload"])
-    a, b = load_file(out / "model.safetensors"), load_file(cut / "model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-
-    ddp = [c for c in command if c not in ("--fsdp", "--fsdp-offload", "--resume")]  # a whole copy a process
+    ddp = [c for c in command if c not in ("--fsdp", "--fsdp-offload")]  # a whole copy a process
     ddp[ddp.index(str(out))] = str(tmp_path / "ddp")
     ddp[ddp.index("--max-steps") + 1] = "1"
     launch(*ddp, **LIVE_MEMORY)
