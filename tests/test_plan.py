@@ -180,3 +180,17 @@ def test_the_planned_peak_meets_the_measured_one_where_activations_weigh(sized_m
     peak = json.loads((tmp_path / "out" / "ranks" / "rank-0.json").read_text())["peak_rss_mib"]["end"]
     assert activations > (0.05 if checkpointing else 0.25) * peak, (activations, peak)
     assert abs(planned - peak) <= 0.25 * peak, (planned, peak)
+
+
+def test_a_process_peak_is_its_own_not_its_parents():
+    """The rank report's peak is the process's own: a command started by a process holding 600 MiB (a test
+    runner, a notebook) does not report their memory as its peak."""
+    import subprocess
+    import sys
+
+    held = bytearray(600 * 2**20)  # resident: written below
+    held[:: 4096] = b"x" * len(held[:: 4096])
+    shown = subprocess.run([sys.executable, "-c", "from llama2vec.train import peak_rss_mib; print(peak_rss_mib())"],
+                           capture_output=True, text=True, check=True).stdout
+    assert float(shown) < 500, shown
+    del held

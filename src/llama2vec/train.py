@@ -372,10 +372,17 @@ def make_accelerator(cfg: TrainConfig, device: torch.device, out: Path, precisio
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, MiB."""
+    """This process's peak resident memory so far, MiB: VmHWM on Linux, which starts afresh at exec (getrusage's
+    ru_maxrss would carry the resident memory of the process that started this one)."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def rss_mib() -> float:
