@@ -413,3 +413,82 @@ def test_a_json_body_survives_the_size_guard(lenient, model_dir):
     big = b"x" * 70000
     r = httpx.post(f"{lenient}/v1/embeddings", content=(big[i: i + 1000] for i in range(0, len(big), 1000)))
     assert r.status_code == 413
+
+
+# ---------------------------------------------------------------------------------------------- the schema
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/embeddings", b'{"input": "", "model": {}}'),
+    ("/v1/embeddings", b'{"input": "x", "model": []}'),
+    ("/v1/search", b'{"query": "", "k": 0, "model": {}}'),
+    ("/v1/embeddings", b'{"input": "\\ud800 abc"}'),  # a lone surrogate, in valid JSON
+    ("/v1/embeddings", b"[" * 50_000 + b"]" * 50_000),  # nested deeper than a parser recurses
+])
+def test_what_once_answered_500_gets_a_400_in_openai_shape(server, path, body, caplog):
+    r = httpx.post(f"{server}{path}", content=body, headers={"Authorization": f"Bearer {KEY}",
+                                                             "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+
+
+def test_the_schema_is_published_and_the_key_is_checked_before_the_body(server):
+    schema = httpx.get(f"{server}/openapi.json").json()  # no key needed
+    assert {"/v1/embeddings", "/v1/search", "/v1/models", "/health", "/metrics"} <= set(schema["paths"])
+    embeddings = schema["paths"]["/v1/embeddings"]["post"]
+    assert {"200", "400", "401", "404", "413", "503"} <= set(embeddings["responses"])
+    assert httpx.get(f"{server}/docs").status_code == 404  # no interactive docs: their assets come from a CDN
+    # A request without the key is refused before its body is read: a malformed body still gets the 401.
+    r = httpx.post(f"{server}/v1/embeddings", content=b"{not json")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.fixture(scope="module")
+def fuzzed(model_dir, ref, beir):
+    """A server with a key, the index and --auto-truncate (a text of any length is one it serves)."""
+    with running(serve_app(model_dir, Searcher(beir["index"], beir["data"], ref.dim), api_key=KEY,
+                           auto_truncate=True)) as url:
+        yield url
+
+
+FUZZ_EXAMPLES = int(os.environ.get("LLAMA2VEC_FUZZ_EXAMPLES", "500"))  # a route and a generation mode
+
+
+@pytest.mark.slow
+def test_the_schema_holds_against_generated_requests(fuzzed):
+    """Requests generated from the published schema, seeded and bounded: valid ones (each must be served) and
+    invalid ones (each must be refused with a 4xx) for every route; no 5xx, and every status code, header and body
+    as the schema says."""
+    import schemathesis
+
+    schema = schemathesis.openapi.from_url(f"{fuzzed}/openapi.json")
+    calls: dict[str, int] = {}
+    import torch
+
+    torch.set_flush_denormal(False)  # hypothesis draws subnormal floats, which the flag would make zero
+    try:
+        fuzz(schema, calls)
+    finally:
+        torch.set_flush_denormal(True)
+    assert sum(calls.values()) >= 2000 or FUZZ_EXAMPLES < 500, calls
+
+
+def fuzz(schema, calls: dict[str, int]) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if operation.method == "post" else [])
+        for mode in modes:
+            label = f"{operation.label} {mode.value}"
+
+            @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(mode))
+            def check(case):
+                calls[label] = calls.get(label, 0) + 1  # noqa: B023 (called before the loop moves on)
+                case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"})
+
+            check()

@@ -5,7 +5,11 @@
   or `document` (default), which chooses the prompt.
 - `POST /v1/search`: `{"query": str | [str], "k": int}` over the index, with the passages' titles
   and texts from the BEIR dataset.
-- `GET /health` (no key), `GET /v1/models`, `GET /metrics` (Prometheus).
+- `GET /health` and `GET /openapi.json` (no key), `GET /v1/models`, `GET /metrics` (Prometheus).
+
+Requests are parsed by pydantic models bounded by the model's dimensions and vocabulary (`schema_models`), which
+the published schema shows: what the schema admits the server serves, and what it refuses gets a 400. The key is
+checked before the body is read.
 
 Requests are tokenised in threads and queued; one worker thread takes what has queued (up to
 `max_batch_tokens` padded tokens, waiting at most `max_wait_ms` after the oldest request), encodes it
@@ -21,7 +25,6 @@ import base64
 import collections
 import contextlib
 import hmac
-import json
 import logging
 import signal
 import socket
@@ -39,7 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_INPUTS = 2048  # inputs of one request, as OpenAI's API
 MAX_K = 1000  # results per search query
-ROUTES = ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/metrics", "/openapi.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,11 +246,25 @@ def _settle(future: asyncio.Future, result: np.ndarray | BaseException | None) -
 
 
 class Guard:
-    """ASGI middleware: refuses bodies over `max_bytes` (413) before the app reads them, and counts
-    requests and their latency by route and status."""
+    """ASGI middleware: refuses a request to a key-protected route without the key (401) before it reads the
+    body, and a body over `max_bytes` (413) before the app reads it; counts requests and their latency by route
+    and status. Every route but /health, /openapi.json and an unknown one takes the key."""
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics):
-        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+    OPEN = ("/health", "/openapi.json")
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics, api_key: str | None = None):
+        self.app, self.max_bytes, self.metrics, self.api_key = app, max_bytes, metrics, api_key
+
+    def refusal(self, scope) -> tuple[str, str] | None:
+        """(message, code) when the request lacks the key, else None."""
+        if self.api_key is None or scope["path"] in self.OPEN or scope["path"] not in ROUTES:
+            return None
+        scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            return "missing API key: send the header 'Authorization: Bearer KEY'", "invalid_api_key"
+        if not hmac.compare_digest(key.strip().encode("latin-1", "replace"), self.api_key.encode()):
+            return "incorrect API key", "invalid_api_key"
+        return None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -262,6 +279,10 @@ class Guard:
             await send(message)
 
         try:
+            refused = self.refusal(scope)
+            if refused is not None:
+                await error_json(401, refused[0], code=refused[1])(scope, receive, send_status)
+                return
             body = await self._read(scope, receive)
             if body is None:
                 await error_json(413, f"the request body is over the limit of {self.max_bytes:,} bytes",
@@ -342,52 +363,11 @@ class Searcher:
 
 
 # --------------------------------------------------------------------------------------------
-# Request parsing
-
-
-def _texts_or_ids(value: Any) -> list[str | list[int]]:
-    """OpenAI's `input`: a string, strings, token ids (one input) or lists of token ids."""
-    shape = "input must be a string, a list of strings, a list of token ids or a list of lists of token ids"
-    if isinstance(value, str):
-        items: list = [value]
-    elif isinstance(value, list) and value and all(_is_id(v) for v in value):
-        items = [value]
-    elif isinstance(value, list):
-        items = value
-    else:
-        raise ApiError(400, shape, "input")
-    if not items:
-        raise ApiError(400, "input is empty", "input")
-    if len(items) > MAX_INPUTS:
-        raise ApiError(400, f"input holds {len(items)} inputs; at most {MAX_INPUTS} a request", "input")
-    for i, item in enumerate(items):
-        if not (isinstance(item, str) or (isinstance(item, list) and all(_is_id(v) for v in item))):
-            raise ApiError(400, f"{shape}; input {i} is neither", "input")
-        if not item:
-            raise ApiError(400, f"input {i} is empty", "input")
-    return items
+# Responses
 
 
 def _is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _choice(body: dict, name: str, options: tuple[str, ...], default: str) -> str:
-    value = body.get(name)
-    if value is None:
-        return default
-    if value not in options:
-        raise ApiError(400, f"{name} must be one of {', '.join(options)}, got {value!r}", name)
-    return value
-
-
-def _int(body: dict, name: str, low: int, high: int, default: int | None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_id(value) or not low <= value <= high:
-        raise ApiError(400, f"{name} must be an integer from {low} to {high}, got {value!r}", name)
-    return value
 
 
 def _vectors(emb: np.ndarray, dimensions: int | None, fmt: str) -> list:
@@ -398,6 +378,118 @@ def _vectors(emb: np.ndarray, dimensions: int | None, fmt: str) -> list:
     if fmt == "base64":
         return [base64.b64encode(row.tobytes()).decode("ascii") for row in emb]
     return emb.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# The schema: request and response models, published at /openapi.json
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+def _json_integer(value):
+    """An integer as JSON Schema has it: 3 or 3.0, never true or "3"."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("an integer is expected")
+    return value
+
+
+def schema_models(dim: int, vocab: int, max_k: int = MAX_K):
+    """The pydantic models of the routes, bounded by this model's dimensions and vocabulary: a request the
+    schema admits is one the server serves (`--auto-truncate` aside, which cuts texts over the length limit)."""
+    from typing import Annotated, Literal
+
+    from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+    Text = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]
+
+    def integer(low: int, high: int):  # bounds inside the integer, so that the schema shows them
+        return Annotated[Annotated[int, Field(ge=low, le=high)], BeforeValidator(_json_integer)]
+
+    TokenIds = Annotated[list[integer(0, vocab - 1)], Field(min_length=1)]
+    Many = Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)]
+    ManyIds = Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS)]
+
+    class Request(BaseModel):
+        model_config = ConfigDict(extra="ignore", strict=True)  # no true for 1, no "1" for 1
+        model: str | None = Field(None, description="The served model's name (its --model value or folder name).")
+        user: str | None = None
+
+    class EmbeddingsRequest(Request):
+        input: Text | Many | TokenIds | ManyIds = Field(description="A text, texts, token ids or lists of them.")
+        encoding_format: Literal["float", "base64"] = "float"
+        dimensions: integer(1, dim) | None = Field(None, description="Keep the first N, normalised again.")
+        input_type: Literal["query", "document"] = Field("document", description="Which prompt: query or passage.")
+
+    class SearchRequest(Request):
+        query: Text | Many = Field(description="A query or queries.")
+        k: integer(1, max_k) = Field(10, description="Hits a query.")
+
+    class Usage(BaseModel):
+        prompt_tokens: int
+        total_tokens: int
+
+    class Embedding(BaseModel):
+        object: Literal["embedding"]
+        index: int
+        embedding: list[float] | str
+
+    class EmbeddingsResponse(BaseModel):
+        object: Literal["list"]
+        data: list[Embedding]
+        model: str
+        usage: Usage
+
+    class Hit(BaseModel):
+        id: str
+        score: float
+        title: str | None = None
+        text: str | None = None
+
+    class QueryHits(BaseModel):
+        object: Literal["search_result"]
+        index: int
+        query: str
+        results: list[Hit]
+
+    class SearchResponse(BaseModel):
+        object: Literal["list"]
+        data: list[QueryHits]
+        model: str
+        usage: Usage
+
+    class Model(BaseModel):
+        id: str
+        object: Literal["model"]
+        created: int
+        owned_by: str
+
+    class ModelList(BaseModel):
+        object: Literal["list"]
+        data: list[Model]
+
+    class Health(BaseModel):
+        status: Literal["ok"]
+        model: str
+
+    class ErrorDetail(BaseModel):
+        message: str
+        type: str
+        param: str | None
+        code: str | None
+
+    class ErrorResponse(BaseModel):
+        error: ErrorDetail
+
+    return {m.__name__: m for m in (EmbeddingsRequest, SearchRequest, EmbeddingsResponse, SearchResponse,
+                                    ModelList, Health, ErrorResponse)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,9 +510,12 @@ class Settings:
 
 
 def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
-    """The FastAPI app around a loaded `Llama2Vec` (its batcher starts and stops with the app)."""
-    from fastapi import APIRouter, Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    """The FastAPI app around a loaded `Llama2Vec` (its batcher starts and stops with the app). Requests are
+    parsed by the models of `schema_models`, published at /openapi.json; a request they refuse gets a 400 in
+    OpenAI's error shape."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
@@ -434,6 +529,8 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
                       settings.batching, metrics)
     names = {settings.name, *settings.aliases}
     spec, vocab = encoder.spec, len(encoder.tokenizer)
+    models = schema_models(encoder.dim, vocab)
+    EmbeddingsRequest, SearchRequest = models["EmbeddingsRequest"], models["SearchRequest"]
     tokenizer_lock = threading.Lock()
     created = int(time.time())
 
@@ -443,12 +540,23 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
         yield
         await run_in_threadpool(batcher.stop)
 
-    app = FastAPI(title="llama2vec", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, max_bytes=settings.max_request_bytes, metrics=metrics)
+    app = FastAPI(title="llama2vec", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="OpenAI-compatible embeddings of a llama2vec model, and search over its index.")
+    app.add_middleware(Guard, max_bytes=settings.max_request_bytes, metrics=metrics, api_key=settings.api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return error_json(e.status, e.message, e.kind, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError):
+        first = e.errors()[0]
+        loc = [str(part) for part in first.get("loc", ())][1:]  # after "body"
+        if first.get("type") == "json_invalid":
+            return error_json(400, "the request body is not valid JSON")
+        if not loc:
+            return error_json(400, f"the request body must be a JSON object: {first.get('msg')}")
+        return error_json(400, f"{'.'.join(loc)}: {first.get('msg')}", param=loc[0])
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
@@ -459,30 +567,13 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
         log.error("%s %s failed: %r", request.method, request.url.path, e)
         return error_json(500, "internal server error", "server_error")
 
-    async def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
-        if not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
-            raise ApiError(401, "incorrect API key", code="invalid_api_key")
-
-    async def read_body(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        model = body.get("model")
+    def check_model(model: str | None) -> None:
         if model is not None and model not in names:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {settings.name!r}",
                            "model", "model_not_found")
-        return body
 
     def tokenize(items: list[str | list[int]], kind: str) -> list[list[int]]:
-        """Token ids of every input, checked against the vocabulary and the length limit."""
+        """Token ids of every input, checked against the length limit."""
         limit = (spec.query_max_length or spec.max_length) if kind == "query" else spec.max_length
         texts = [t for t in items if isinstance(t, str)]
         with tokenizer_lock:
@@ -490,8 +581,6 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
         rows = []
         for i, item in enumerate(items):
             row = next(encoded) if isinstance(item, str) else item
-            if not isinstance(item, str) and not all(0 <= t < vocab for t in row):
-                raise ApiError(400, f"input {i} holds token ids outside the vocabulary (0 to {vocab - 1})", "input")
             if not row:
                 raise ApiError(400, f"input {i} has no tokens", "input")
             if len(row) > limit:
@@ -510,56 +599,59 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
         metrics.texts.labels(kind).inc(len(rows))
         return emb, sum(len(r) for r in rows)
 
-    @app.get("/health")
+    errors = {status: {"model": models["ErrorResponse"], "description": text} for status, text in (
+        (400, "A request the schema or the model refuses"), (401, "A missing or wrong API key"),
+        (404, "Another model named, or no index"), (413, "A body over the size limit"),
+        (503, "The server is busy or shutting down"))}
+
+    @app.get("/health", response_model=models["Health"], tags=["server"])
     async def health():
         return {"status": "ok", "model": settings.name}
 
-    v1 = APIRouter(dependencies=[Depends(authorize)])
-
-    @v1.post("/v1/embeddings")
-    async def embeddings(request: Request):
-        body = await read_body(request)
-        items = _texts_or_ids(body.get("input"))
-        fmt = _choice(body, "encoding_format", ("float", "base64"), "float")
-        kind = _choice(body, "input_type", ("query", "document"), "document")
-        dimensions = _int(body, "dimensions", 1, encoder.dim, None)
-        emb, tokens = await embed(items, kind)
-        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(_vectors(emb, dimensions,
-                                                                                                     fmt))]
+    @app.post("/v1/embeddings", response_model=models["EmbeddingsResponse"], responses=errors, tags=["openai"])
+    async def embeddings(body: EmbeddingsRequest):
+        check_model(body.model)
+        items = [body.input] if isinstance(body.input, str) or _is_id_list(body.input) else list(body.input)
+        emb, tokens = await embed(items, body.input_type)
+        vectors = _vectors(emb, body.dimensions, body.encoding_format)
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         return JSONResponse({"object": "list", "data": data, "model": settings.name,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    @v1.post("/v1/search")
-    async def search(request: Request):
+    @app.post("/v1/search", response_model=models["SearchResponse"], responses=errors, tags=["search"])
+    async def search(body: SearchRequest):
+        check_model(body.model)
         if searcher is None:
             raise ApiError(404, "this server has no index: start it with --index DIR (and --dataset DIR)",
                            code="no_index")
-        body = await read_body(request)
-        queries = body.get("query")
-        queries = [queries] if isinstance(queries, str) else queries
-        if not isinstance(queries, list) or not queries or not all(isinstance(q, str) and q for q in queries):
-            raise ApiError(400, "query must be a non-empty string or a non-empty list of them", "query")
-        if len(queries) > MAX_INPUTS:
-            raise ApiError(400, f"query holds {len(queries)} queries; at most {MAX_INPUTS} a request", "query")
-        k = _int(body, "k", 1, MAX_K, 10)
+        queries = [body.query] if isinstance(body.query, str) else list(body.query)
         emb, tokens = await embed(queries, "query")
-        hits = await run_in_threadpool(searcher.search, emb, k)
+        hits = await run_in_threadpool(searcher.search, emb, body.k)
         data = [{"object": "search_result", "index": i, "query": q, "results": h}
                 for i, (q, h) in enumerate(zip(queries, hits))]
         return JSONResponse({"object": "list", "data": data, "model": settings.name,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    @v1.get("/v1/models")
-    async def models():
+    @app.get("/v1/models", response_model=models["ModelList"], responses={401: errors[401]}, tags=["openai"])
+    async def list_models():
         return {"object": "list", "data": [{"id": settings.name, "object": "model", "created": created,
                                             "owned_by": "llama2vec"}]}
 
-    @v1.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={401: errors[401]}, tags=["server"])
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(v1)
     return app
+
+
+def _is_id_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_id(v) for v in value)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 # --------------------------------------------------------------------------------------------
