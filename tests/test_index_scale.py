@@ -63,3 +63,38 @@ def test_out_of_core_ivf_pq_equals_the_in_memory_index(tmp_path):
     assert 0.7 < recall_at_10(pca, queries, exact, None) < 1.0
     with pytest.raises(Llama2VecError, match="--parts must be in 1..7"):
         index_folder(folder, tmp_path / "x", "Flat", parts=8)
+
+
+def test_a_rebuild_stopped_half_way_leaves_no_index_that_looks_complete(tmp_path, monkeypatch):
+    """`index --parts` over an existing index: the top-level meta.json goes first and comes back last, so that a
+    rebuild killed between parts leaves no meta naming a mix of new and old parts (search then refuses it)."""
+    import llama2vec.index as index_mod
+    from llama2vec.embeddings import FORMAT
+    from llama2vec.index import index_folder, search_shards
+    from llama2vec.store import write_json
+
+    data = clustered(600, 16, 0)
+    folder = tmp_path / "emb"
+    (folder / "shards").mkdir(parents=True)
+    names = [f"shard-{s:05d}" for s in range(3)]
+    for s, name in enumerate(names):
+        np.save(folder / "shards" / f"{name}.npy", data[s * 200: (s + 1) * 200])
+    (folder / "ids.txt").write_text("".join(f"p{i}\n" for i in range(600)))
+    write_json(folder / "meta.json", {"format": FORMAT, "count": 600, "dim": 16, "dtype": "float32", "shards": names})
+    out = index_folder(folder, tmp_path / "index", "Flat", parts=3)
+    assert (out / "meta.json").is_file()
+
+    real, saved = index_mod.save_index, []
+
+    def killed_after_one(*args, **kwargs):
+        if saved:
+            raise KeyboardInterrupt  # the process stops here
+        saved.append(real(*args, **kwargs))
+        return saved[-1]
+
+    monkeypatch.setattr(index_mod, "save_index", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        index_folder(folder, out, "IVF4,Flat", parts=3)
+    assert not (out / "meta.json").exists()
+    with pytest.raises(Llama2VecError, match="not an index folder"):
+        search_shards([out], ["q"], data[:1], 5)

@@ -312,3 +312,32 @@ def test_full_finetune_of_an_untied_model_runs_under_torchrun(tmp_path):
     before, after = load_file(model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert torch.equal(before["lm_head.weight"], after["lm_head.weight"][: before["lm_head.weight"].shape[0]])
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_queries_of_another_model_are_refused_naming_both(tiny_model_dir, tmp_path, capsys):
+    """An index of one model's passages and queries encoded by another (same width): an error naming both models,
+    not results; --allow-model-mismatch searches anyway; another width is refused whatever the flag."""
+    from llama2vec.formats import write_jsonl_rows
+    from llama2vec.index import check_queries
+
+    other = tmp_path / "other-model"
+    tok = make_tokenizer()
+    make_model(len(tok), seed=1).save_pretrained(other)
+    tok.save_pretrained(other)
+    data = tmp_path / "data"
+    write_jsonl_rows(data / "corpus.jsonl", ({"_id": f"d{i}", "text": t} for i, t in enumerate(SENTENCES)))
+    write_jsonl_rows(data / "queries.jsonl", ({"_id": "q0", "text": "who sat on the mat?"},))
+    encode = ["encode", "--dataset", str(data), "--device", "cpu"]
+    assert main([*encode, "--model", str(tiny_model_dir), "--what", "corpus", "--output", str(tmp_path / "c")]) == 0
+    assert main([*encode, "--model", str(other), "--what", "queries", "--output", str(tmp_path / "q")]) == 0
+    assert main(["index", "--embeddings", str(tmp_path / "c"), "--output", str(tmp_path / "i")]) == 0
+    search = ["search", "--index", str(tmp_path / "i"), "--queries", str(tmp_path / "q"), "--k", "3",
+              "--output", str(tmp_path / "run.trec")]
+    capsys.readouterr()
+    assert main(search) == 2
+    err = capsys.readouterr().err
+    assert "come from the model folder:" in err and "--allow-model-mismatch" in err
+    assert not (tmp_path / "run.trec").exists()
+    assert main([*search, "--allow-model-mismatch"]) == 0 and (tmp_path / "run.trec").is_file()
+    with pytest.raises(Llama2VecError, match="16-dimension vectors; the index .* holds 32-dimension"):
+        check_queries([tmp_path / "i"], None, 16, "the queries", allow_mismatch=True)

@@ -492,3 +492,14 @@ def fuzz(schema, calls: dict[str, int]) -> None:
                 case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"})
 
             check()
+
+
+def test_the_server_refuses_an_index_of_another_model(beir, tmp_path, capsys):
+    from conftest import make_model, make_tokenizer
+
+    other = tmp_path / "other-model"
+    tok = make_tokenizer()
+    make_model(len(tok), seed=1).save_pretrained(other)
+    tok.save_pretrained(other)
+    assert main(["serve", "--model", str(other), "--index", str(beir["index"]), "--port", "0", "--device", "cpu"]) == 2
+    assert "scores across two models mean nothing" in capsys.readouterr().err

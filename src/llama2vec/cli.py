@@ -205,7 +205,8 @@ def _search(args: argparse.Namespace) -> None:
     from .evaluate import fuse_runs
     from .formats import read_qrels, read_run, write_run
     from .fusion import AUTO, DEFAULT, parse_fusion
-    from .index import search_shards
+    from .index import check_queries, search_shards
+    from .store import read_json_or_none
 
     if args.fusion != DEFAULT and not args.fuse_run:
         raise Llama2VecError(f"--fusion {args.fusion!r} needs --fuse-run (the runs to fuse with)")
@@ -218,6 +219,9 @@ def _search(args: argparse.Namespace) -> None:
     if args.fusion not in (DEFAULT, AUTO):
         parse_fusion(args.fusion, 1 + len(args.fuse_run))
     qids, queries = load_embeddings(args.queries)
+    made_by = (read_json_or_none(Path(args.queries) / "meta.json") or {}).get("fingerprint") or {}
+    check_queries(args.index, made_by.get("model"), queries.shape[1], f"the queries of {args.queries}",
+                  args.allow_model_mismatch)
     run = search_shards(args.index, qids, queries, args.k, args.params)
     if args.fuse_run:
         dev_runs = [read_run(r) for r in args.dev_runs] if args.fusion == AUTO else None
@@ -232,7 +236,8 @@ def _serve(args: argparse.Namespace) -> None:
     from .serve import serve
 
     serve(args.model, args.host, args.port, args.index, args.dataset, args.backend, args.device, args.drain_seconds,
-          api_key=args.api_key or os.environ.get("LLAMA2VEC_API_KEY"), auto_truncate=args.auto_truncate,
+          allow_model_mismatch=args.allow_model_mismatch, api_key=args.api_key or os.environ.get("LLAMA2VEC_API_KEY"),
+          auto_truncate=args.auto_truncate,
           max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           max_request_bytes=int(args.max_request_mb * 1024 * 1024), batching=not args.no_batching)
 
@@ -388,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", required=True, help="Embeddings folder of the queries.")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW).")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="Search an index of another model's embeddings (refused otherwise).")
     p.add_argument("--fuse-run", nargs="*", default=[], help="TREC runs to fuse with (see --fusion).")
     p.add_argument("--fusion", default="rrf", help=FUSION_HELP.format(order="this index's run, then --fuse-run's",
                                                                       auto="--dev-runs and --dev-qrels"))
@@ -405,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="llama2vec model folder, causal LM, or 'smollm2'.")
     p.add_argument("--index", help="Index folder (llama2vec index) that /v1/search searches.")
     p.add_argument("--dataset", help="BEIR folder whose corpus.jsonl gives the titles and texts of the hits.")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="Serve search over an index of another model's embeddings (refused otherwise).")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' (default: $LLAMA2VEC_API_KEY, else none).")

@@ -98,6 +98,7 @@ def index_folder(embeddings: str | Path, output: str | Path, factory: str = "Fla
     bounds = np.linspace(0, len(emb.names), parts + 1).round().astype(int)
     ids = iter(_read_ids(emb.folder / "ids.txt"))
     bar = tqdm(total=emb.count, desc=f"indexing {output.name}", unit="vec")
+    (output / "meta.json").unlink(missing_ok=True)  # written last: a kill mid-way leaves no meta naming a mix
     folders = []
     for p in range(parts):
         index = faiss.clone_index(empty)
@@ -208,6 +209,29 @@ def search_parts(parts: Iterable[tuple[object, list[str], str]], queries: np.nda
         all_ids.extend(ids)
     scores, found = merge_topk(results, k)
     return scores, found, all_ids
+
+
+def index_model(folder: str | Path) -> tuple[str | None, int | None]:
+    """(the identity of the model whose embeddings an index holds, their dimensions), from its meta.json."""
+    from .store import read_json_or_none
+
+    meta = read_json_or_none(Path(folder) / "meta.json") or {}
+    return (meta.get("embeddings") or {}).get("model"), meta.get("dim")
+
+
+def check_queries(folders: list[str | Path], model: str | None, dim: int, what: str, allow_mismatch: bool = False
+                  ) -> None:
+    """Refuse queries of `dim` dimensions encoded by `model` (an identity, see `store.model_identity`) against
+    indexes of another model or width, naming both (`allow_mismatch`: the model check is skipped)."""
+    for folder in folders:
+        indexed, width = index_model(folder)
+        if width is not None and width != dim:
+            raise Llama2VecError(f"{what} are {dim}-dimension vectors; the index {folder} holds {width}-dimension "
+                                 f"ones: encode both with the same model")
+        if not allow_mismatch and indexed and model and indexed != model:
+            raise Llama2VecError(f"{what} come from the model {model}, the index {folder} from {indexed}: scores "
+                                 f"across two models mean nothing. Encode both with one model, or pass "
+                                 f"--allow-model-mismatch if they do share an embedding space")
 
 
 def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.ndarray, k: int,

@@ -692,7 +692,7 @@ def run(app, sock: socket.socket, drain_seconds: float = 60.0) -> None:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, index: str | None = None,
           dataset: str | None = None, backend: str = "torch", device: str = "auto", drain_seconds: float = 60.0,
-          **settings) -> None:
+          allow_model_mismatch: bool = False, **settings) -> None:
     """Load the model (and the index and dataset) once, then serve until SIGTERM or SIGINT."""
     try:
         import fastapi  # noqa: F401
@@ -707,6 +707,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, index: str | No
         raise Llama2VecError("--dataset gives the passages of --index: give --index too")
     sock = listen(host, port)
     encoder = Llama2Vec.from_pretrained(model, device=device, backend=backend)
+    if index:
+        from .index import check_queries
+        from .store import model_identity
+
+        check_queries([index], model_identity(encoder.source) if encoder.source else None, encoder.dim,
+                      f"the queries of {model}", allow_model_mismatch)
     searcher = Searcher(index, dataset, encoder.dim) if index else None
     folder = Path(model.rstrip("/")).name
     app = create_app(encoder, Settings(name=model, aliases=(folder,), **settings), searcher)
