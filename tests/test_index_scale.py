@@ -98,3 +98,27 @@ def test_a_rebuild_stopped_half_way_leaves_no_index_that_looks_complete(tmp_path
     assert not (out / "meta.json").exists()
     with pytest.raises(Llama2VecError, match="not an index folder"):
         search_shards([out], ["q"], data[:1], 5)
+
+
+def test_the_server_searches_parts_as_search_does(tmp_path):
+    """The server's searcher, which prepares its parts once at load, ranks as `llama2vec search` over the parts."""
+    pytest.importorskip("fastapi")
+    from llama2vec.embeddings import FORMAT
+    from llama2vec.index import index_folder, search_shards
+    from llama2vec.serve import Searcher
+    from llama2vec.store import write_json
+
+    data, queries = clustered(900, 16, 0), clustered(7, 16, 1)
+    folder = tmp_path / "emb"
+    (folder / "shards").mkdir(parents=True)
+    names = [f"shard-{s:05d}" for s in range(3)]
+    for s, name in enumerate(names):
+        np.save(folder / "shards" / f"{name}.npy", data[s * 300: (s + 1) * 300])
+    (folder / "ids.txt").write_text("".join(f"p{i}\n" for i in range(900)))
+    write_json(folder / "meta.json", {"format": FORMAT, "count": 900, "dim": 16, "dtype": "float32", "shards": names})
+    out = index_folder(folder, tmp_path / "index", "Flat", parts=3)
+    run = search_shards([out], [f"q{i}" for i in range(7)], queries, 10)
+    hits = Searcher(out, None, 16).search(queries, 10)
+    for i, row in enumerate(hits):
+        assert [h["id"] for h in row] == list(run[f"q{i}"])
+        assert [h["score"] for h in row] == pytest.approx(list(run[f"q{i}"].values()), abs=1e-6)

@@ -336,7 +336,8 @@ class Searcher:
         for part, _ in self.parts:
             if part.d != dim:
                 raise Llama2VecError(f"{index}: an index of {part.d}-dimension vectors; the model gives {dim}")
-        self.ids = [i for _, ids in self.parts for i in ids]
+        self.ids = [i for _, ids in self.parts for i in ids]  # once, at load: a request looks up its hits only
+        self.offsets = np.cumsum([0] + [len(ids) for _, ids in self.parts[:-1]]).tolist()
         if len(set(self.ids)) != len(self.ids):
             raise Llama2VecError(f"{index}: an id is in several index parts: the parts must hold disjoint passages")
         self.corpus = beir_corpus(dataset) if dataset else {}
@@ -347,10 +348,13 @@ class Searcher:
 
     def search(self, queries: np.ndarray, k: int) -> list[list[dict]]:
         """Each query's hits, best first, as `llama2vec search` ranks them over the same parts."""
-        from .index import search_parts
+        from .index import merge_topk, search_index
 
-        scores, found, _ = search_parts(((index, ids, f"part {n}") for n, (index, ids) in enumerate(self.parts)),
-                                        queries, k)
+        results = []
+        for (index, _), offset in zip(self.parts, self.offsets):
+            s, i = search_index(index, queries, k)
+            results.append((s, np.where(i >= 0, i + offset, -1)))
+        scores, found = merge_topk(results, k)
         hits = []
         for row_scores, row_ids in zip(scores, found):
             hits.append([{"id": self.ids[d], "score": float(s), **self._passage(self.ids[d])}
