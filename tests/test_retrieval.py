@@ -341,3 +341,14 @@ def test_queries_of_another_model_are_refused_naming_both(tiny_model_dir, tmp_pa
     assert main([*search, "--allow-model-mismatch"]) == 0 and (tmp_path / "run.trec").is_file()
     with pytest.raises(Llama2VecError, match="16-dimension vectors; the index .* holds 32-dimension"):
         check_queries([tmp_path / "i"], None, 16, "the queries", allow_mismatch=True)
+
+
+def test_a_model_card_rewritten_keeps_the_model_the_same(tiny_model_dir):
+    """`evaluate` writes its figures into a model's card: the model, as encodings and indexes know it, is the same."""
+    from llama2vec.store import model_identity
+
+    before = model_identity(str(tiny_model_dir))
+    (tiny_model_dir / "README.md").write_text("# figures\n")
+    assert model_identity(str(tiny_model_dir)) == before
+    (tiny_model_dir / "config.json").write_text((tiny_model_dir / "config.json").read_text() + " ")
+    assert model_identity(str(tiny_model_dir)) != before

@@ -303,12 +303,16 @@ def file_identity(path: str | Path) -> str:
     return "large:" + h.hexdigest()[:20]
 
 
+CARD = "README.md"  # a model's card: what `evaluate` writes its figures into, not what encodes
+
+
 def folder_identity(folder: str | Path) -> str:
-    """The identity of a folder (a model folder): its files' names and identities."""
+    """The identity of a folder (a model folder): its files' names and identities, its card aside."""
     folder = Path(folder)
     parts = []
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and TMP_TAG not in p.name and "checkpoints" not in p.relative_to(folder).parts:
+        if (p.is_file() and TMP_TAG not in p.name and "checkpoints" not in p.relative_to(folder).parts
+                and p.relative_to(folder).as_posix() != CARD):
             parts.append(f"{p.relative_to(folder)}={file_identity(p)}")
     return _sha("\n".join(parts).encode())[:20]
 
