@@ -255,7 +255,27 @@ def test_a_full_queue_gets_503_and_the_queued_request_still_succeeds(model_dir, 
         error = expect_error(lambda: c.embeddings.create(input="one more", model=model_dir.name), 503,
                              code="server_overloaded")
         assert error["type"] == "server_error"
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": "one more"})
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
         assert max_diff(vectors(first.result(timeout=60))[:2], ref.encode_corpus(["a", "a"])) <= 1e-5
+
+
+def test_a_queue_longer_than_max_queue_seconds_is_refused_at_once(ref):
+    """Admission by expected wait: the queued tokens over the rate the worker measured. Over --max-queue-seconds a
+    request is refused before any work, with the seconds to wait; under it, admitted."""
+    from llama2vec.serve import Batcher, Overloaded
+
+    batcher = Batcher(ref, max_queue_seconds=30)
+    batcher.admit(10)  # nothing measured yet: admitted
+    batcher.rate, batcher.queued_tokens = 100.0, 5000  # 50 s of work queued
+    with pytest.raises(Overloaded, match="about 50 s of work, over the 30 s it admits") as info:
+        batcher.admit(1)
+    assert info.value.status == 503 and info.value.retry_after == 20
+    batcher.queued_tokens = 2000  # 20 s
+    batcher.admit(1)
+    batcher.pending = 8192
+    with pytest.raises(Overloaded, match="8192 texts queued"):
+        batcher.admit(1)
 
 
 # ---------------------------------------------------------------------------------------------- search

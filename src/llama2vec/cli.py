@@ -239,6 +239,7 @@ def _serve(args: argparse.Namespace) -> None:
           allow_model_mismatch=args.allow_model_mismatch, api_key=args.api_key or os.environ.get("LLAMA2VEC_API_KEY"),
           auto_truncate=args.auto_truncate,
           max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+          max_queue_seconds=args.max_queue_seconds,
           max_request_bytes=int(args.max_request_mb * 1024 * 1024), batching=not args.no_batching)
 
 
@@ -426,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="How long the oldest queued request waits for others to join its batch.")
     p.add_argument("--max-queue", type=int, default=8192,
                    help="Texts queued or being encoded at most; beyond that requests get 503 (at least 2048).")
+    p.add_argument("--max-queue-seconds", type=float, default=30.0,
+                   help="Admit a request only while the queued work is expected to take at most this long (at the "
+                        "rate the server measures); the rest get 503 at once, with Retry-After.")
     p.add_argument("--max-request-mb", type=float, default=16.0, help="Request bodies over this get 413.")
     p.add_argument("--auto-truncate", action="store_true",
                    help="Cut texts longer than the model's limit (as encode does) instead of answering 400.")

@@ -26,6 +26,7 @@ import collections
 import contextlib
 import hmac
 import logging
+import math
 import signal
 import socket
 import threading
@@ -64,15 +65,18 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 def error_json(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None):
+               code: str | None = None, headers: dict | None = None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(error_body(message, kind, param, code), status_code=status)
+    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
 
 
 class Overloaded(ApiError):
-    def __init__(self, message: str):
+    """503 with a Retry-After header: the queue is full, or its expected wait is over --max-queue-seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
         super().__init__(503, message, code="server_overloaded", kind="server_error")
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +135,10 @@ class Batcher:
     (`batching`) or one request at a time."""
 
     def __init__(self, encoder, max_batch_tokens: int = 8192, max_wait_ms: float = 10.0, max_queue: int = 8192,
-                 batching: bool = True, metrics: Metrics | None = None):
+                 batching: bool = True, metrics: Metrics | None = None, max_queue_seconds: float = 30.0):
         self.encoder, self.batching, self.metrics = encoder, batching, metrics
+        self.max_queue_seconds = max_queue_seconds
+        self.rate: float | None = None  # tokens a second the worker encodes, measured as it runs
         self.max_batch_tokens, self.max_wait, self.max_queue = max_batch_tokens, max_wait_ms / 1000, max_queue
         self.overhead = {task: len(encoder.ids.wrap([], task)) for task in ("self", "next")}
         self.jobs: collections.deque[Job] = collections.deque()
@@ -154,15 +160,29 @@ class Batcher:
         if self.thread is not None:
             self.thread.join()
 
+    def expected_wait(self) -> float:
+        """Seconds the queued tokens will take at the measured rate (0 before the first batch)."""
+        return self.queued_tokens / self.rate if self.rate else 0.0
+
+    def admit(self, texts: int) -> None:
+        """Raise `Overloaded` (with the seconds to wait) when `texts` more would overflow the queue, or when what
+        is queued already takes longer than `max_queue_seconds`: a request is refused at once, before any work
+        on it, rather than served late. Called holding the lock, or before tokenising as a cheap first check."""
+        if self.stopping:
+            raise Overloaded("the server is shutting down", 30)
+        wait = self.expected_wait()
+        if self.pending + texts > self.max_queue:
+            raise Overloaded(f"the server is busy ({self.pending} texts queued); retry later", wait or 1)
+        if wait > self.max_queue_seconds:
+            raise Overloaded(f"the server is busy: the queue holds about {wait:.0f} s of work, over the "
+                             f"{self.max_queue_seconds:g} s it admits; retry later", wait - self.max_queue_seconds)
+
     async def encode(self, rows: list[list[int]], task: str) -> np.ndarray:
-        """(len(rows), H) embeddings; raises `Overloaded` when the queue is full."""
+        """(len(rows), H) embeddings; raises `Overloaded` when the queue is full or too slow to wait for."""
         loop = asyncio.get_running_loop()
         job = Job(rows, task, loop.create_future(), loop, sum(len(r) for r in rows) + self.overhead[task] * len(rows))
         with self.cond:
-            if self.stopping:
-                raise Overloaded("the server is shutting down")
-            if self.pending + len(rows) > self.max_queue:
-                raise Overloaded(f"the server is busy ({self.pending} texts queued); retry later")
+            self.admit(len(rows))
             self.pending += len(rows)
             self.queued_tokens += job.tokens
             self.jobs.append(job)
@@ -200,13 +220,16 @@ class Batcher:
                 if not self.jobs:
                     return
                 jobs = self._take()
+            start = time.perf_counter()
             try:
                 results = self._encode([j for j in jobs if not j.future.cancelled()])
             except Exception as e:  # the requests fail with a 500; the worker goes on
                 log.exception("encoding failed")
                 results = {id(j): e for j in jobs}
+            rate = sum(j.tokens for j in jobs) / max(time.perf_counter() - start, 1e-6)
             with self.cond:
                 self.pending -= sum(len(j.rows) for j in jobs)
+                self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
             for job in jobs:
                 job.loop.call_soon_threadsafe(_settle, job.future, results.get(id(job)))
 
@@ -511,6 +534,7 @@ class Settings:
     max_queue: int = 8192
     max_request_bytes: int = 16 * 1024 * 1024
     batching: bool = True
+    max_queue_seconds: float = 30.0
 
 
 def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
@@ -529,8 +553,10 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
     if settings.max_batch_tokens < 1 or settings.max_wait_ms < 0 or settings.max_request_bytes < 1:
         raise Llama2VecError("--max-batch-tokens and --max-request-mb must be positive, --max-wait-ms at least 0")
     metrics = Metrics()
+    if settings.max_queue_seconds <= 0:
+        raise Llama2VecError("--max-queue-seconds must be positive")
     batcher = Batcher(encoder, settings.max_batch_tokens, settings.max_wait_ms, settings.max_queue,
-                      settings.batching, metrics)
+                      settings.batching, metrics, settings.max_queue_seconds)
     names = {settings.name, *settings.aliases}
     spec, vocab = encoder.spec, len(encoder.tokenizer)
     models = schema_models(encoder.dim, vocab)
@@ -550,7 +576,8 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        return error_json(e.status, e.message, e.kind, e.param, e.code)
+        headers = {"Retry-After": str(e.retry_after)} if isinstance(e, Overloaded) else None
+        return error_json(e.status, e.message, e.kind, e.param, e.code, headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError):
@@ -597,6 +624,7 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
         return rows
 
     async def embed(items: list[str | list[int]], kind: str) -> tuple[np.ndarray, int]:
+        batcher.admit(len(items))  # refused before the work of tokenising
         rows = await run_in_threadpool(tokenize, items, kind)
         task = spec.query_task if kind == "query" else "self"
         emb = await batcher.encode(rows, task)
