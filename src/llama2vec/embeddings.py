@@ -250,6 +250,7 @@ def prepare(output: str | Path, source: Source, task: str, max_length: int, dtyp
 
 def encode_shard(encoder, job: Job, s: int, batch_size: int | None = None) -> int:
     """Encode shard `s` and write its array, then its ids (the mark that it is done); returns its size."""
+    from .prompts import cut
     start, count = job.plan["shards"][s]
     records = job.source.read(start, count)
     if len(records) != count:
@@ -257,7 +258,8 @@ def encode_shard(encoder, job: Job, s: int, batch_size: int | None = None) -> in
                              f"the source changed while being encoded")
     rows = encoder.tokenize([t for _, t in records])
     truncated = sum(len(r) > job.max_length for r in rows)
-    emb = encoder.encode_ids([r[: job.max_length] for r in rows], job.task, batch_size).astype(job.dtype)
+    side = encoder.tokenizer.truncation_side
+    emb = encoder.encode_ids([cut(r, job.max_length, side) for r in rows], job.task, batch_size).astype(job.dtype)
     name = shard_name(s)
     with atomic_file(job.shards / f"{name}.npy") as tmp, tmp.open("wb") as fh:
         np.save(fh, emb)

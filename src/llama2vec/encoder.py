@@ -23,7 +23,7 @@ from .formats import passage_text
 from .losses import last_states, unwrap_lm
 from .models import add_placeholder_tokens, load_causal_lm, resolve_model_path
 from .onnx_int8 import OnnxDecoder, cached_export
-from .prompts import CONFIG_NAME, LLARA_K, PromptIds, PromptSpec, prompt_ids, resolve_prompt
+from .prompts import CONFIG_NAME, LLARA_K, PromptIds, PromptSpec, cut, prompt_ids, resolve_prompt
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,11 @@ class Llama2Vec:
         return self.model.config.hidden_size
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
-        """Token ids of texts, cut to `max_length` tokens when given."""
+        """Token ids of texts, cut to `max_length` tokens when given (see `prompts.cut`)."""
+        rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         if max_length is None:
-            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+            return rows
+        return [cut(r, max_length, self.tokenizer.truncation_side) for r in rows]
 
     @torch.inference_mode()
     def encode_ids(self, rows: list[list[int]], task: str, batch_size: int | None = None) -> np.ndarray:

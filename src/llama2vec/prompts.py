@@ -131,6 +131,14 @@ def resolve_prompt(cfg: PromptConfig, max_length: int = 128) -> PromptSpec:
     return PromptSpec(preset=cfg.prompt_preset, max_length=max_length, query_task=cfg.query_prompt, **preset)
 
 
+def cut(ids: list[int], limit: int, side: str = "right") -> list[int]:
+    """A text's token ids kept within `limit`: the first ones, or the last ones where the tokenizer truncates on
+    the left (`truncation_side`). The one rule every path that encodes follows."""
+    if len(ids) <= limit:
+        return ids
+    return ids[-limit:] if side == "left" else ids[:limit]
+
+
 @dataclass
 class PromptIds:
     """Token ids of the fixed prompt pieces for one tokenizer."""

@@ -605,6 +605,8 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
 
     def tokenize(items: list[str | list[int]], kind: str) -> list[list[int]]:
         """Token ids of every input, checked against the length limit."""
+        from .prompts import cut
+
         limit = (spec.query_max_length or spec.max_length) if kind == "query" else spec.max_length
         texts = [t for t in items if isinstance(t, str)]
         with tokenizer_lock:
@@ -619,7 +621,7 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
                     raise ApiError(400, f"input {i} is {len(row)} tokens long; this model takes {kind} texts of at "
                                         f"most {limit} tokens (the server cuts longer ones with --auto-truncate)",
                                    "input", "context_length_exceeded")
-                row = row[-limit:] if encoder.tokenizer.truncation_side == "left" else row[:limit]
+                row = cut(row, limit, encoder.tokenizer.truncation_side)
             rows.append(row)
         return rows
 
