@@ -28,6 +28,7 @@ import numpy as np
 from .data import jsonl_documents, parquet_documents
 from .errors import Llama2VecError
 from .formats import passage_text
+from .prompts import cut
 from .store import (
     TMP_TAG,
     atomic_file,
@@ -250,7 +251,6 @@ def prepare(output: str | Path, source: Source, task: str, max_length: int, dtyp
 
 def encode_shard(encoder, job: Job, s: int, batch_size: int | None = None) -> int:
     """Encode shard `s` and write its array, then its ids (the mark that it is done); returns its size."""
-    from .prompts import cut
     start, count = job.plan["shards"][s]
     records = job.source.read(start, count)
     if len(records) != count:

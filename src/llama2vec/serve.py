@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .errors import Llama2VecError
+from .prompts import cut
 
 log = logging.getLogger(__name__)
 
@@ -605,8 +606,6 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
 
     def tokenize(items: list[str | list[int]], kind: str) -> list[list[int]]:
         """Token ids of every input, checked against the length limit."""
-        from .prompts import cut
-
         limit = (spec.query_max_length or spec.max_length) if kind == "query" else spec.max_length
         texts = [t for t in items if isinstance(t, str)]
         with tokenizer_lock:

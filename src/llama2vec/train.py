@@ -371,29 +371,30 @@ def make_accelerator(cfg: TrainConfig, device: torch.device, out: Path, precisio
     return accelerator
 
 
+def _status_mib(field: str) -> float | None:
+    """A memory line of /proc/self/status (Linux), MiB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far, MiB: VmHWM on Linux, which starts afresh at exec (getrusage's
     ru_maxrss would carry the resident memory of the process that started this one)."""
     import resource
 
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
+    peak = _status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rss_mib() -> float:
     """This process's resident memory now, MiB (Linux; elsewhere its peak so far)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mib()
+    now = _status_mib("VmRSS")
+    return now if now is not None else peak_rss_mib()
 
 
 _RSS_BEFORE_WEIGHTS: list[float] = [0.0]  # set by load_training_lm, read by the rank report
