@@ -17,6 +17,7 @@ import copy
 import statistics
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from adapt_step import passages
@@ -73,7 +74,8 @@ def measure(lengths: list[int], repeats: int) -> list[list[str]]:
         batch = pretext([{"text": windows[i], "next": windows[i + 1]} for i in range(8)])
         rows.append(("adaptation step (batch 8)", length,
                      timed(train_step(PretextModel(model, PretextWeights()), batch), repeats)))
-        collate = ContrastiveCollator(tok, ids, "self", 32, length)
+        short = replace(spec, query_task="self", query_max_length=32, max_length=length)
+        collate = ContrastiveCollator(tok, ids, short)
         batch = collate([{"query": articles[4 * i].headline, "passages": [a.body for a in articles[4 * i: 4 * i + 4]]}
                          for i in range(4)])
         batch.pop("n_tokens")

@@ -289,7 +289,8 @@ def last_layer_row(args, preset: str) -> tuple[list, tuple]:
     enc = Llama2Vec.from_pretrained("smollm2", device=args.device, prompt=PromptConfig(prompt_preset=preset),
                                     max_length=args.encode_length)
     lm, k = unwrap_lm(enc.model), enc.ids.k
-    rows = [enc.ids.wrap(r, "self") for r in enc.tokenize(bbc_texts(args.encode_batch), args.encode_length)]
+    cut, task = enc.fit(enc.tokenize(bbc_texts(args.encode_batch)), "passage")
+    rows = [enc.ids.wrap(r, task) for r in cut]
     ids, mask, pos = (x.to(lm.device) for x in left_pad(rows, enc.tokenizer.pad_token_id))
     paths = {"last layer at K": lambda: last_states(lm, ids, pos, mask, k),
              "whole last layer": lambda: whole_last_layer_states(lm, ids, pos, mask, k)}

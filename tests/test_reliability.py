@@ -65,25 +65,25 @@ def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path):
 def test_encode_refuses_embeddings_made_from_other_inputs(tiny_model_dir, tmp_path, monkeypatch):
     enc = tiny_folder_encoder(tiny_model_dir)
     out = tmp_path / "emb"
-    encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "self", shard_size=3)
+    encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "passage", shard_size=3)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["fingerprint"]["dtype"] == "float32" and meta["fingerprint"]["model"].startswith("folder:")
 
     monkeypatch.setattr(encoder_mod.Llama2Vec, "encode_ids", lambda *a, **k: pytest.fail("encoded again"))
-    assert encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "self", shard_size=3) == out  # the same: reused
+    assert encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "passage", shard_size=3) == out  # the same: reused
     with pytest.raises(Llama2VecError, match=r"another dtype: pass --overwrite"):
-        encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "self", shard_size=3, dtype="float16")
+        encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "passage", shard_size=3, dtype="float16")
     with pytest.raises(Llama2VecError, match=r"another texts"):
-        encode_to_folder(enc, ListSource(IDS, [t.upper() for t in SENTENCES]), out, "self", shard_size=3)
-    with pytest.raises(Llama2VecError, match=r"another task:"):
-        encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "next", shard_size=3)
+        encode_to_folder(enc, ListSource(IDS, [t.upper() for t in SENTENCES]), out, "passage", shard_size=3)
+    with pytest.raises(Llama2VecError, match=r"another kind, task:"):
+        encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "query", shard_size=3)
     enc.spec.prefix = "Another prefix: "
     with pytest.raises(Llama2VecError, match=r"another prompt"):
-        encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "self", shard_size=3)
+        encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "passage", shard_size=3)
 
     monkeypatch.undo()
     enc = tiny_folder_encoder(tiny_model_dir)
-    encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "self", shard_size=3, dtype="float16", overwrite=True)
+    encode_to_folder(enc, ListSource(IDS, SENTENCES), out, "passage", shard_size=3, dtype="float16", overwrite=True)
     ids, emb = load_embeddings(out)
     assert ids == IDS and emb.dtype == np.float16
 
@@ -99,9 +99,47 @@ def test_encode_refuses_embeddings_made_from_other_inputs(tiny_model_dir, tmp_pa
     real = Llama2Vec.encode_ids
     monkeypatch.setattr(encoder_mod.Llama2Vec, "encode_ids", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        encode_to_folder(enc, ListSource(IDS, SENTENCES), tmp_path / "part", "self", shard_size=3)
+        encode_to_folder(enc, ListSource(IDS, SENTENCES), tmp_path / "part", "passage", shard_size=3)
     with pytest.raises(Llama2VecError, match=r"shards: holds embeddings made with another shard_size"):
-        encode_to_folder(enc, ListSource(IDS, SENTENCES), tmp_path / "part", "self", shard_size=4)
+        encode_to_folder(enc, ListSource(IDS, SENTENCES), tmp_path / "part", "passage", shard_size=4)
+
+
+def test_a_folder_never_mixes_precisions_or_devices(tiny_model_dir, tmp_path):
+    """Processes that share a folder must compute alike: one in bfloat16 joining a float32 folder is refused
+    (its shards would not compare), as is a Ray actor, and shards that slipped through are caught at merge."""
+    import torch
+
+    from llama2vec import __version__
+    from llama2vec.embeddings import encode_fingerprint, merge, prepare
+    from llama2vec.ray_engine import ShardEncoder
+
+    fp32 = tiny_folder_encoder(tiny_model_dir)
+    bf16 = tiny_folder_encoder(tiny_model_dir)
+    bf16.model.to(torch.bfloat16)
+    source, out = ListSource(IDS, SENTENCES), tmp_path / "emb"
+    encode_to_folder(fp32, source, out, "passage", shard_size=2, num_shards=2, shard_index=0)
+    with pytest.raises(Llama2VecError, match=r"computed in float32 on cpu, this process computes in bfloat16 on cpu"):
+        encode_to_folder(bf16, source, out, "passage", shard_size=2, num_shards=2, shard_index=1)
+    # A Ray actor checks itself when it starts: the folder says bfloat16 on cuda here.
+    fp = encode_fingerprint(str(tiny_model_dir), fp32.spec, "torch", source, "passage", 2, "float32")
+    job = prepare(tmp_path / "ray", source, "passage", "float32", fp, 2)
+    (job.shards / "compute.json").write_text(json.dumps({"dtype": "bfloat16", "device": "cuda"}))
+    with pytest.raises(Llama2VecError, match=r"computed in bfloat16 on cuda, this process computes in float32 on cpu"):
+        ShardEncoder(str(tiny_model_dir), "torch", 4, job)
+    # Two processes that raced past the check: merge reads every shard's record and refuses the mix.
+    (out / "shards" / "compute.json").unlink()
+    mixed = r"shards were computed differently \(float32 on cpu: shards 0, 2; bfloat16 on cpu: shards 1, 3\)"
+    with pytest.raises(Llama2VecError, match=mixed):  # the last process to finish merges, and refuses
+        encode_to_folder(bf16, source, out, "passage", shard_size=2, num_shards=2, shard_index=1)
+    with pytest.raises(Llama2VecError, match=mixed):
+        merge(out)
+    assert not (out / "meta.json").exists()
+    # Made alike, the folder records how it was computed and with which version.
+    encode_to_folder(fp32, source, tmp_path / "ok", "passage", shard_size=2)
+    meta = json.loads((tmp_path / "ok" / "meta.json").read_text())
+    assert meta["compute"] == {"dtype": "float32", "device": "cpu"} and meta["fingerprint"]["version"] == __version__
+    with pytest.raises(Llama2VecError, match=r"computed in float32 on cpu, this run computes in bfloat16 on cpu"):
+        encode_to_folder(bf16, source, tmp_path / "ok", "passage", shard_size=2)
 
 
 def test_encode_cli_names_the_difference_and_the_flag(tiny_model_dir, tmp_path, capsys):
@@ -230,7 +268,7 @@ def test_an_os_error_is_a_one_line_error(tmp_path, capsys, monkeypatch):
 def test_empty_inputs_are_errors(tiny_model_dir, tmp_path):
     enc = tiny_folder_encoder(tiny_model_dir)
     with pytest.raises(Llama2VecError, match="nothing to encode"):
-        encode_to_folder(enc, ListSource([], []), tmp_path / "e", "self")
+        encode_to_folder(enc, ListSource([], []), tmp_path / "e", "passage")
     with pytest.raises(Llama2VecError, match="nothing to index"):
         build_index(np.zeros((0, 8), dtype=np.float32))
     from llama2vec.mine import mine
@@ -273,7 +311,7 @@ def test_a_tokenizer_without_pad_eos_or_unk(tmp_path):
 
 def test_truncation_is_counted_and_stored(tiny_model_dir, tiny_corpus, tmp_path):
     enc = tiny_folder_encoder(tiny_model_dir)  # passages cut to 8 tokens
-    out = encode_to_folder(enc, ListSource(IDS, SENTENCES), tmp_path / "e", "self")
+    out = encode_to_folder(enc, ListSource(IDS, SENTENCES), tmp_path / "e", "passage")
     lengths = [len(r) for r in enc.tokenize(SENTENCES)]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["truncated"] == sum(n > 8 for n in lengths) > 0 and meta["texts"] == len(SENTENCES)

@@ -87,7 +87,8 @@ def test_batched_equals_one_by_one():
 
 def test_left_and_right_padding_give_the_same_embeddings():
     enc = tiny_encoder()
-    rows = [enc.ids.wrap(r, "self") for r in enc.tokenize(TEXTS, 32)]
+    cut, task = enc.fit(enc.tokenize(TEXTS), "passage")
+    rows = [enc.ids.wrap(r, task) for r in cut]
     left = enc.encode_corpus(TEXTS)
     L = max(len(r) for r in rows)
     ids = torch.tensor([r + [enc.tokenizer.pad_token_id] * (L - len(r)) for r in rows])
@@ -142,12 +143,12 @@ def test_encode_to_folder_resumes_after_a_kill(tmp_path, monkeypatch):
 
     monkeypatch.setattr(encoder_mod.Llama2Vec, "encode_ids", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        encode_to_folder(enc, ListSource(ids, TEXTS), tmp_path / "emb", "self", shard_size=4, dtype="float16")
+        encode_to_folder(enc, ListSource(ids, TEXTS), tmp_path / "emb", "passage", shard_size=4, dtype="float16")
     assert not (tmp_path / "emb" / "meta.json").exists()
     assert len(list((tmp_path / "emb" / "shards").glob("shard-*.npy"))) == 1
     monkeypatch.setattr(encoder_mod.Llama2Vec, "encode_ids", real)
     calls.clear()
-    out = encode_to_folder(enc, ListSource(ids, TEXTS), tmp_path / "emb", "self", shard_size=4, dtype="float16")
+    out = encode_to_folder(enc, ListSource(ids, TEXTS), tmp_path / "emb", "passage", shard_size=4, dtype="float16")
     got_ids, emb = load_embeddings(out)
     assert got_ids == ids and emb.dtype == np.float16
     np.testing.assert_allclose(emb.astype(np.float32), enc.encode_corpus(TEXTS), atol=2e-3)

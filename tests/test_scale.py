@@ -81,7 +81,7 @@ def test_the_folder_is_a_manifest_over_memory_mapped_shards(single, tiny_model_d
     assert all(np.abs(array - row).max(axis=1).min() == 0 for row in sample)
     # The same texts in memory, or in Parquet, give the same embeddings.
     texts = [(d["title"] + "\n" + d["text"]) if d["title"] else d["text"] for d in docs]
-    in_memory = encode_to_folder(enc, ListSource([d["_id"] for d in docs], texts), single.parent / "mem", "self", 20)
+    in_memory = encode_to_folder(enc, ListSource([d["_id"] for d in docs], texts), single.parent / "mem", "passage", 20)
     assert_same(single, in_memory)
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -89,7 +89,7 @@ def test_the_folder_is_a_manifest_over_memory_mapped_shards(single, tiny_model_d
     table = pa.table({"id": [d["_id"] for d in docs], "title": [d["title"] for d in docs],
                       "text": [d["text"] for d in docs]})
     pq.write_table(table, single.parent / "corpus.parquet", row_group_size=37)  # shards straddle row groups
-    parquet = encode_to_folder(enc, FileSource(single.parent / "corpus.parquet"), single.parent / "pq", "self", 20)
+    parquet = encode_to_folder(enc, FileSource(single.parent / "corpus.parquet"), single.parent / "pq", "passage", 20)
     assert_same(single, parquet)
 
 

@@ -129,7 +129,7 @@ def test_float_and_base64_embeddings_equal_llama2vec(server, ref, model_dir):
     raw = c.embeddings.create(input=TEXTS, model=model_dir.name, encoding_format="base64")
     rows = [np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in raw.data]
     assert max_diff(rows, expected) <= 1e-5
-    tokens = sum(len(r) for r in ref.tokenize(TEXTS, ref.spec.max_length))
+    tokens = sum(len(r) for r in ref.fit(ref.tokenize(TEXTS), "passage")[0])
     assert floats.usage.prompt_tokens == floats.usage.total_tokens == tokens
 
 
@@ -523,28 +523,3 @@ def test_the_server_refuses_an_index_of_another_model(beir, tmp_path, capsys):
     tok.save_pretrained(other)
     assert main(["serve", "--model", str(other), "--index", str(beir["index"]), "--port", "0", "--device", "cpu"]) == 2
     assert "scores across two models mean nothing" in capsys.readouterr().err
-
-
-def test_a_left_truncating_model_cuts_alike_on_every_path(tmp_path):
-    """A tokenizer that truncates on the left: the Python API, `llama2vec encode` and the server (--auto-truncate)
-    keep the same last tokens of a long text, so their embeddings are equal (and differ from a cut on the right)."""
-    from transformers import AutoTokenizer
-
-    from llama2vec.embeddings import load_embeddings
-
-    folder = write_tiny_model(tmp_path / "left")
-    AutoTokenizer.from_pretrained(folder, truncation_side="left").save_pretrained(folder)
-    texts = [LONG, "Paris. " + LONG, "short"]
-    model = Llama2Vec.from_pretrained(str(folder), device="cpu")
-    assert model.tokenizer.truncation_side == "left"
-    api = model.encode_corpus(texts)
-    data = tmp_path / "data"
-    write_jsonl_rows(data / "corpus.jsonl", ({"_id": f"d{i}", "text": t} for i, t in enumerate(texts)))
-    assert main(["encode", "--model", str(folder), "--dataset", str(data), "--what", "corpus", "--device", "cpu",
-                 "--output", str(tmp_path / "emb")]) == 0
-    _, folder_emb = load_embeddings(tmp_path / "emb")
-    with running(serve_app(folder, encoder=model, auto_truncate=True)) as url:
-        served = vectors(client(url).embeddings.create(input=texts, model=folder.name))
-    assert max_diff(folder_emb, api) <= 1e-5 and max_diff(served, api) <= 1e-5
-    model.tokenizer.truncation_side = "right"
-    assert max_diff(model.encode_corpus(texts)[:2], api[:2]) > 1e-3  # the side matters for these texts

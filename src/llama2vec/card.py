@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .prompts import CONFIG_NAME, PromptSpec
+from .prompts import CONFIG_NAME, PromptSpec, text_rule
 from .store import atomic_write, read_json_or_none, write_json
 
 CARD = "README.md"
@@ -128,12 +128,17 @@ def _section_evaluation(folder: Path) -> list[str]:
     return lines
 
 
-def _query_prompt(spec: PromptSpec) -> tuple[str, list[str]]:
-    return (spec.next_suffix, spec.next_tokens) if spec.query_task == "next" else (spec.self_suffix, spec.self_tokens)
+def _prompt(spec: PromptSpec, kind: str) -> tuple[str, list[str], int]:
+    """The suffix, placeholder tokens and length limit of a query or a passage (`prompts.text_rule`)."""
+    limit, task = text_rule(spec, kind)
+    if task == "next":
+        return spec.next_suffix, spec.next_tokens, limit
+    return spec.self_suffix, spec.self_tokens, limit
 
 
 def _usage(name: str, spec: PromptSpec) -> list[str]:
-    query_suffix, query_tokens = _query_prompt(spec)
+    query_suffix, query_tokens, query_limit = _prompt(spec, "query")
+    passage_suffix, passage_tokens, passage_limit = _prompt(spec, "passage")
     states = ("mean of the last hidden states (after the final norm) at the" if spec.pooling == "mean" else
               "last hidden state (after the final norm) of the last of the")
     return [
@@ -149,8 +154,9 @@ def _usage(name: str, spec: PromptSpec) -> list[str]:
         'scores = model.encode_query(["who won the final?"]) @ model.encode_document(["The team won."]).T',
         "```", "",
         "With plain transformers: each piece is tokenised on its own (no special tokens), the text cut to "
-        f"{spec.max_length} tokens for passages and {spec.query_max_length or spec.max_length} for queries, "
-        "then `[BOS] prefix text suffix placeholders`, left-padded; the embedding is the "
+        f"{passage_limit} tokens for passages and {query_limit} for queries (its first tokens, or its last where "
+        "the tokenizer truncates on the left), then `[BOS] prefix text suffix placeholders`, left-padded; the "
+        "embedding is the "
         f"{states} "
         f"{spec.k} placeholder position(s), L2-normalised.", "", "```python", "import torch",
         "from transformers import AutoModel, AutoTokenizer", "",
@@ -159,14 +165,14 @@ def _usage(name: str, spec: PromptSpec) -> list[str]:
         "def embed(text, suffix, tokens, limit):",
         "    ids = lambda s: tok(s, add_special_tokens=False)['input_ids']",
         f"    row = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + ids({spec.prefix!r})",
-        "    row += ids(text)[:limit] + ids(suffix) + tok.convert_tokens_to_ids(tokens)",
+        "    text = ids(text)[-limit:] if tok.truncation_side == 'left' else ids(text)[:limit]",
+        "    row += text + ids(suffix) + tok.convert_tokens_to_ids(tokens)",
         "    with torch.no_grad():",
         "        states = model(torch.tensor([row])).last_hidden_state[0, -len(tokens):]",
         f"    emb = states.mean(0) if {spec.pooling == 'mean'} else states[-1]",
         "    return torch.nn.functional.normalize(emb, dim=-1)", "",
-        f"query = embed('who won the final?', {query_suffix!r}, {query_tokens!r}, "
-        f"{spec.query_max_length or spec.max_length})",
-        f"passage = embed('The team won the final.', {spec.self_suffix!r}, {spec.self_tokens!r}, {spec.max_length})",
+        f"query = embed('who won the final?', {query_suffix!r}, {query_tokens!r}, {query_limit})",
+        f"passage = embed('The team won the final.', {passage_suffix!r}, {passage_tokens!r}, {passage_limit})",
         "print(query @ passage)", "```"]
 
 
@@ -178,7 +184,7 @@ def write_card(folder: str | Path, name: str | None = None, exported_from: str |
     base = base_model(folder) if exported_from is None or _run_config(folder) else exported_from
     root = root_model(base)
     lic = licence(base) or licence(root)
-    query_suffix, query_tokens = _query_prompt(spec)
+    query_suffix, query_tokens, query_limit = _prompt(spec, "query")
     front = {"library_name": "transformers", "pipeline_tag": "feature-extraction",
              "tags": ["llama2vec", "dense-retrieval", "sentence-similarity", "feature-extraction"]}
     if base:
@@ -196,8 +202,8 @@ def write_card(folder: str | Path, name: str | None = None, exported_from: str |
              f"{spec.query_task.upper()} prompt (`{query_suffix}` + {' '.join(query_tokens)}).",
              f"- Pooling: {spec.pooling} over the placeholder positions' last hidden states, L2-normalised "
              f"(inner product = cosine).",
-             f"- Lengths: passages cut to {spec.max_length} tokens, queries to "
-             f"{spec.query_max_length or spec.max_length} (the prompt not counted).", "",
+             f"- Lengths: passages cut to {text_rule(spec, 'passage')[0]} tokens, queries to {query_limit} (the "
+             "prompt not counted).", "",
              "## Training", "", *_section_training(folder), "",
              "## Evaluation", "", *_section_evaluation(folder), "",
              "## Usage", "", *_usage(name or str(folder), spec), "",

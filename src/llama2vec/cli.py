@@ -179,8 +179,8 @@ def _encode(args: argparse.Namespace) -> None:
 
         encoder = Llama2Vec.from_pretrained(args.model, device=args.device, batch_size=args.batch_size,
                                             backend=args.backend)
-        task = "self" if args.what == "corpus" else encoder.spec.query_task
-        out = encode_to_folder(encoder, source, args.output, task, args.shard_size, args.dtype,
+        kind = "passage" if args.what == "corpus" else "query"
+        out = encode_to_folder(encoder, source, args.output, kind, args.shard_size, args.dtype,
                                overwrite=args.overwrite, num_shards=args.num_shards, shard_index=args.shard_index)
     if (Path(out) / "meta.json").is_file():
         print(f"wrote the embeddings folder {out}")

@@ -11,6 +11,10 @@ from Ray actors taking shards from a Ray Data dataset (`encode_with_ray`). Every
 shards alike (one validating pass over the source: ids, fields, duplicates), encodes its own, and
 whoever finishes the last shard writes the manifest (or `llama2vec encode --merge`). Peak memory is the
 model plus one shard; a killed process loses at most the shard it was writing.
+
+The processes must compute alike: the first records its compute dtype and device type in
+`shards/compute.json`, each shard records its own, and a process (or a Ray actor) that computes
+otherwise is refused, so a folder never mixes bfloat16 GPU shards with float32 CPU ones.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .data import jsonl_documents, parquet_documents
 from .errors import Llama2VecError
 from .formats import passage_text
-from .prompts import cut
+from .prompts import text_rule
 from .store import (
     TMP_TAG,
     atomic_file,
@@ -176,13 +181,28 @@ def workers(num_shards: int | None = None, shard_index: int | None = None) -> tu
 # Writing a folder
 
 
-def encode_fingerprint(source_model: str | None, spec, backend: str, source: Source, task: str, shard_size: int,
-                       dtype: str, max_length: int) -> dict:
-    """What an embeddings folder is made from: the model, the texts, the prompt and the options (not
-    how many processes shared the work: that does not change the result)."""
+def encode_fingerprint(source_model: str | None, spec, backend: str, source: Source, kind: str, shard_size: int,
+                       dtype: str) -> dict:
+    """What an embeddings folder is made from: the model, the texts, the prompt, the options and the package
+    version (not how many processes shared the work: that does not change the result; the compute dtype
+    and device are checked shard by shard, see `claim_compute`)."""
+    max_length, task = text_rule(spec, kind)
     return fingerprint(model=model_identity(source_model) if source_model else "unknown", texts=source.identity(),
-                       task=task, prompt=asdict(spec), max_length=max_length, backend=backend,
-                       shard_size=shard_size, dtype=dtype)
+                       kind=kind, task=task, prompt=asdict(spec), max_length=max_length, backend=backend,
+                       shard_size=shard_size, dtype=dtype, version=__version__)
+
+
+def compute_of(encoder) -> dict:
+    """How an encoder computes: the dtype and device type of its weights (or ONNX Runtime's, on the CPU).
+    The same model gives other embeddings in bfloat16 on a GPU than in float32 on a CPU."""
+    if encoder.onnx is not None:
+        return {"dtype": "int8" if encoder.backend == "onnx-int8" else "float32", "device": "cpu"}
+    weight = next(encoder.model.parameters())
+    return {"dtype": str(weight.dtype).removeprefix("torch."), "device": weight.device.type}
+
+
+def _compute_text(compute: dict) -> str:
+    return f"{compute.get('dtype')} on {compute.get('device')}"
 
 
 def _check_same(folder: Path, old: dict | None, new: dict) -> None:
@@ -202,8 +222,7 @@ class Job:
 
     output: Path
     source: Source
-    task: str
-    max_length: int
+    kind: str  # query | passage
     dtype: str
     fingerprint: dict
     plan: dict
@@ -219,8 +238,8 @@ class Job:
         return [s for s in range(i, len(self.plan["shards"]), n) if not self.done(s)]
 
 
-def prepare(output: str | Path, source: Source, task: str, max_length: int, dtype: str, fp: dict, shard_size: int,
-            overwrite: bool = False, several: bool = False) -> Job | None:
+def prepare(output: str | Path, source: Source, kind: str, dtype: str, fp: dict, shard_size: int,
+            overwrite: bool = False, several: bool = False, compute: dict | None = None) -> Job | None:
     """Check (or start) the folder and plan its shards; None when it is already complete.
     A folder or shards made from other inputs or options is an error, unless `overwrite`."""
     output = Path(output)
@@ -231,7 +250,12 @@ def prepare(output: str | Path, source: Source, task: str, max_length: int, dtyp
         for name in ("meta.json", "ids.txt", "shards"):
             remove(output / name)
     if (output / "meta.json").is_file():
-        _check_same(output, read_json(output / "meta.json").get("fingerprint"), fp)
+        meta = read_json(output / "meta.json")
+        _check_same(output, meta.get("fingerprint"), fp)
+        if compute is not None and meta.get("compute") != compute:
+            raise Llama2VecError(f"{output}: holds embeddings computed in {_compute_text(meta.get('compute') or {})}, "
+                                 f"this run computes in {_compute_text(compute)}: pass --overwrite to encode again, "
+                                 "or choose another --output")
         log.info("%s: already encoded", output)
         return None
     shards = ensure_folder(output / "shards")
@@ -246,24 +270,42 @@ def prepare(output: str | Path, source: Source, task: str, max_length: int, dtyp
     if plan is None or plan.get("shard_size") != shard_size:
         plan = plan_shards(source, shard_size)
         write_json(shards / "plan.json", plan)
-    return Job(output, source, task, max_length, dtype, fp, plan)
+    job = Job(output, source, kind, dtype, fp, plan)
+    if compute is not None:
+        claim_compute(job, compute)
+    return job
 
 
-def encode_shard(encoder, job: Job, s: int, batch_size: int | None = None) -> int:
-    """Encode shard `s` and write its array, then its ids (the mark that it is done); returns its size."""
+def claim_compute(job: Job, compute: dict) -> None:
+    """This process's compute against the folder's: the first process to encode records it in
+    `shards/compute.json`; any other must compute alike (a race between two that differ is caught by `merge`,
+    which reads every shard's own record)."""
+    path = job.shards / "compute.json"
+    old = read_json_or_none(path)
+    if old is None:
+        write_json(path, compute)
+    elif old != compute:
+        raise Llama2VecError(f"{job.output}: its shards are computed in {_compute_text(old)}, this process computes "
+                             f"in {_compute_text(compute)}; the embeddings would not compare: run every process "
+                             f"alike (--device, --backend), or pass --overwrite to encode again")
+
+
+def encode_shard(encoder, job: Job, s: int, batch_size: int | None = None, compute: dict | None = None) -> int:
+    """Encode shard `s` and write its array, then its ids and compute (the mark that it is done); returns its
+    size."""
     start, count = job.plan["shards"][s]
     records = job.source.read(start, count)
     if len(records) != count:
         raise Llama2VecError(f"{job.output}: shard {s} should hold {count} texts, the source gave {len(records)}: "
                              f"the source changed while being encoded")
     rows = encoder.tokenize([t for _, t in records])
-    truncated = sum(len(r) > job.max_length for r in rows)
-    side = encoder.tokenizer.truncation_side
-    emb = encoder.encode_ids([cut(r, job.max_length, side) for r in rows], job.task, batch_size).astype(job.dtype)
+    truncated = sum(len(r) > job.fingerprint["max_length"] for r in rows)
+    emb = encoder.encode_ids(*encoder.fit(rows, job.kind), batch_size).astype(job.dtype)
     name = shard_name(s)
     with atomic_file(job.shards / f"{name}.npy") as tmp, tmp.open("wb") as fh:
         np.save(fh, emb)
-    write_json(job.shards / f"{name}.json", {"count": count, "truncated": truncated, "ids": [i for i, _ in records]})
+    write_json(job.shards / f"{name}.json", {"count": count, "truncated": truncated, "ids": [i for i, _ in records],
+                                             "compute": compute or compute_of(encoder)})
     return count
 
 
@@ -282,22 +324,29 @@ def merge(output: str | Path) -> Path:
     if missing:
         raise Llama2VecError(f"{output}: {len(missing)} of {n} shards are not encoded yet "
                              f"({', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''})")
-    truncated = 0
+    truncated, computes = 0, {}
 
     def ids() -> Iterator[str]:
         nonlocal truncated
         for s in range(n):
             part = read_json(shards / f"{shard_name(s)}.json")
             truncated += part["truncated"]
+            computes.setdefault(_compute_text(part.get("compute") or {}), []).append(s)
             yield from part["ids"]
 
     count = write_lines(output / "ids.txt", ids())
+    if len(computes) > 1:  # the folder stays incomplete: no meta.json
+        raise Llama2VecError(f"{output}: its shards were computed differently ("
+                             + "; ".join(f"{how}: shards {', '.join(map(str, ss[:5]))}{' ...' if len(ss) > 5 else ''}"
+                                         for how, ss in computes.items())
+                             + "): encode the odd ones again alike (remove their shard-NNNNN.json), or --overwrite")
     if count != plan["count"]:
         raise Llama2VecError(f"{output}: the shards hold {count} ids, the plan {plan['count']}")
     first = np.load(shards / f"{shard_name(0)}.npy", mmap_mode="r")
     write_json(output / "meta.json", {
         "format": FORMAT, "count": count, "dim": int(first.shape[1]), "dtype": str(first.dtype),
-        "shards": [shard_name(s) for s in range(n)], "task": fp["task"], "model_prompt": fp["prompt"]["preset"],
+        "shards": [shard_name(s) for s in range(n)], "kind": fp["kind"], "task": fp["task"],
+        "compute": read_json(shards / f"{shard_name(0)}.json").get("compute"), "model_prompt": fp["prompt"]["preset"],
         "texts": count, "truncated": truncated, "truncated_share": round(truncated / count, 4),
         "max_length": fp["max_length"], "fingerprint": fp})
     for leftover in shards.glob(f".*{TMP_TAG}*"):  # of killed processes, on any machine: all are done now
@@ -316,24 +365,23 @@ def finish_if_complete(job: Job) -> bool:
     return True
 
 
-def encode_to_folder(encoder, source: Source, output: str | Path, task: str, shard_size: int = 1024,
+def encode_to_folder(encoder, source: Source, output: str | Path, kind: str, shard_size: int = 1024,
                      dtype: str = "float32", batch_size: int | None = None, overwrite: bool = False,
                      num_shards: int | None = None, shard_index: int | None = None) -> Path:
     """Encode `source` into an embeddings folder: this process's shards (see `workers`), then the
-    manifest if every shard is done. Shards are written atomically; a killed run resumes at its
-    first missing shard."""
+    manifest if every shard is done. `kind`: 'passage' or 'query' (`prompts.text_rule`). Shards are
+    written atomically; a killed run resumes at its first missing shard."""
     from tqdm.auto import tqdm
 
     n, i = workers(num_shards, shard_index)
-    spec = encoder.spec
-    max_length = spec.max_length if task == "self" else (spec.query_max_length or spec.max_length)
-    fp = encode_fingerprint(encoder.source, spec, encoder.backend, source, task, shard_size, dtype, max_length)
-    job = prepare(output, source, task, max_length, dtype, fp, shard_size, overwrite, several=n > 1)
+    fp = encode_fingerprint(encoder.source, encoder.spec, encoder.backend, source, kind, shard_size, dtype)
+    compute = compute_of(encoder)
+    job = prepare(output, source, kind, dtype, fp, shard_size, overwrite, several=n > 1, compute=compute)
     if job is None:
         return Path(output)
     todo = job.pending(n, i)
     for s in tqdm(todo, desc=f"encoding {job.output.name}" + (f" [{i + 1}/{n}]" if n > 1 else ""), unit="shard"):
-        encode_shard(encoder, job, s, batch_size)
+        encode_shard(encoder, job, s, batch_size, compute)
     if not finish_if_complete(job):
         log.info("%s: this process's shards are done; %d shards remain for the others (then the last one to "
                  "finish, or `llama2vec encode --merge`, completes the folder)", job.output, len(job.pending()))

@@ -23,7 +23,7 @@ from .formats import passage_text
 from .losses import last_states, unwrap_lm
 from .models import add_placeholder_tokens, load_causal_lm, resolve_model_path
 from .onnx_int8 import OnnxDecoder, cached_export
-from .prompts import CONFIG_NAME, LLARA_K, PromptIds, PromptSpec, cut, prompt_ids, resolve_prompt
+from .prompts import CONFIG_NAME, LLARA_K, PromptIds, PromptSpec, cut, prompt_ids, resolve_prompt, text_rule
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +159,20 @@ class Llama2Vec:
     def dim(self) -> int:
         return self.model.config.hidden_size
 
-    def tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
-        """Token ids of texts, cut to `max_length` tokens when given (see `prompts.cut`)."""
-        rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        if max_length is None:
-            return rows
-        return [cut(r, max_length, self.tokenizer.truncation_side) for r in rows]
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of texts, whole (no special tokens)."""
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    def fit(self, rows: list[list[int]], kind: str) -> tuple[list[list[int]], str]:
+        """Token ids of texts of `kind` ('query' or 'passage') cut to its limit on the tokenizer's side, and
+        the prompt task to encode them with: the rule of `prompts.text_rule`, for every path that encodes."""
+        limit, task = text_rule(self.spec, kind)
+        side = self.tokenizer.truncation_side
+        return [cut(r, limit, side) for r in rows], task
+
+    def encode_texts(self, texts: list[str], kind: str, batch_size: int | None = None) -> np.ndarray:
+        """Embeddings (N, H) of texts of `kind` ('query' or 'passage')."""
+        return self.encode_ids(*self.fit(self.tokenize(list(texts)), kind), batch_size)
 
     @torch.inference_mode()
     def encode_ids(self, rows: list[list[int]], task: str, batch_size: int | None = None) -> np.ndarray:
@@ -184,12 +192,11 @@ class Llama2Vec:
         return out
 
     def encode_queries(self, queries: list[str], batch_size: int | None = None, **kwargs) -> np.ndarray:
-        max_length = self.spec.query_max_length or self.spec.max_length
-        return self.encode_ids(self.tokenize(list(queries), max_length), self.spec.query_task, batch_size)
+        return self.encode_texts(queries, "query", batch_size)
 
     def encode_corpus(self, corpus: list[str] | list[dict], batch_size: int | None = None, **kwargs) -> np.ndarray:
         texts = [passage_text(c) if isinstance(c, dict) else c for c in corpus]
-        return self.encode_ids(self.tokenize(texts, self.spec.max_length), "self", batch_size)
+        return self.encode_texts(texts, "passage", batch_size)
 
     def encode(self, inputs, *, task_metadata: object = None, hf_split: str = "", hf_subset: str = "",
                prompt_type: str | None = None, **kwargs) -> np.ndarray:

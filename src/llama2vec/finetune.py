@@ -27,7 +27,7 @@ from .errors import Llama2VecError
 from .formats import TrainExample, read_train
 from .losses import last_states, unwrap_lm
 from .models import add_placeholder_tokens, apply_lora, resolve_device, resolve_model_path
-from .prompts import CONFIG_NAME, PromptIds, PromptSpec, prompt_ids, resolve_prompt
+from .prompts import CONFIG_NAME, PromptIds, PromptSpec, cut, prompt_ids, resolve_prompt, text_rule
 from .train import (
     finish,
     is_main_rank,
@@ -140,20 +140,22 @@ class GroupDataset:
 
 
 class ContrastiveCollator:
-    """Tokenises queries (query prompt) and passages (SELF prompt) into left-padded batches."""
+    """Tokenises queries and passages into left-padded batches, cut and prompted as the encoder does
+    (`prompts.text_rule`, on the tokenizer's truncation side)."""
 
-    def __init__(self, tokenizer, ids: PromptIds, query_task: str, query_max_length: int, passage_max_length: int):
-        self.tokenizer, self.ids, self.query_task = tokenizer, ids, query_task
-        self.q_len, self.p_len = query_max_length, passage_max_length
+    def __init__(self, tokenizer, ids: PromptIds, spec: PromptSpec):
+        self.tokenizer, self.ids, self.spec = tokenizer, ids, spec
 
-    def rows(self, texts: list[str], max_length: int, task: str) -> list[list[int]]:
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [self.ids.wrap(t[:max_length], task) for t in ids]
+    def rows(self, texts: list[str], kind: str) -> list[list[int]]:
+        limit, task = text_rule(self.spec, kind)
+        side = self.tokenizer.truncation_side
+        return [self.ids.wrap(cut(t, limit, side), task)
+                for t in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         pad = self.tokenizer.pad_token_id
-        q = left_pad(self.rows([e["query"] for e in examples], self.q_len, self.query_task), pad)
-        p = left_pad(self.rows([t for e in examples for t in e["passages"]], self.p_len, "self"), pad)
+        q = left_pad(self.rows([e["query"] for e in examples], "query"), pad)
+        p = left_pad(self.rows([t for e in examples for t in e["passages"]], "passage"), pad)
         batch = {f"q_{k}": v for k, v in zip(("input_ids", "attention_mask", "position_ids"), q)}
         batch.update({f"p_{k}": v for k, v in zip(("input_ids", "attention_mask", "position_ids"), p)})
         batch["n_tokens"] = q[1].sum() + p[1].sum()
@@ -216,9 +218,8 @@ def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: Contrast
         lm = apply_lora(lm, train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout, placeholder_ids)
     module = ContrastiveModel(lm, spec.k, spec.pooling, con_cfg.temperature, con_cfg.group_size, con_cfg.cross_device)
     dataset = GroupDataset(examples, con_cfg.group_size, train_cfg.seed)
-    collator = ContrastiveCollator(tokenizer, ids, spec.query_task, con_cfg.query_max_length,
-                                   con_cfg.passage_max_length)
-    cut = training_truncation(tokenizer, examples, con_cfg.query_max_length, con_cfg.passage_max_length)
+    collator = ContrastiveCollator(tokenizer, ids, spec)
+    truncated = training_truncation(tokenizer, examples, con_cfg.query_max_length, con_cfg.passage_max_length)
     flat = {k: v for group in to_dict(model_cfg, con_cfg, train_cfg).values() for k, v in group.items()}
     result = run_training(accelerator, module, dataset, collator, train_cfg, out, "finetune", flat)
 
@@ -226,5 +227,5 @@ def finetune(model_cfg: ModelConfig, prompt_cfg: PromptConfig, con_cfg: Contrast
     if is_main_rank():
         record_training(out, result)
         write_card(out)
-    result.update(examples=len(examples), truncation=cut)
+    result.update(examples=len(examples), truncation=truncated)
     return result

@@ -131,6 +131,20 @@ def resolve_prompt(cfg: PromptConfig, max_length: int = 128) -> PromptSpec:
     return PromptSpec(preset=cfg.prompt_preset, max_length=max_length, query_task=cfg.query_prompt, **preset)
 
 
+KINDS = ("query", "passage")
+
+
+def text_rule(spec: PromptSpec, kind: str) -> tuple[int, str]:
+    """How a text of `kind` ('query' or 'passage') becomes a model input: the most tokens of it kept (the
+    prompt not counted) and the prompt around it ('next' or 'self'). The one place this is decided: the
+    encoder, sharded and Ray encoding, the server, fine-tuning and the model card follow it."""
+    if kind == "query":
+        return spec.query_max_length or spec.max_length, spec.query_task
+    if kind == "passage":
+        return spec.max_length, "self"
+    raise ValueError(f"unknown kind of text {kind!r}: 'query' or 'passage'")
+
+
 def cut(ids: list[int], limit: int, side: str = "right") -> list[int]:
     """A text's token ids kept within `limit`: the first ones, or the last ones where the tokenizer truncates on
     the left (`truncation_side`). The one rule every path that encodes follows."""

@@ -27,13 +27,17 @@ class ShardEncoder:
         from .encoder import Llama2Vec
 
         torch.set_flush_denormal(True)
+        from .embeddings import claim_compute, compute_of
+
         self.encoder = Llama2Vec.from_pretrained(model, backend=backend, batch_size=batch_size)
         self.job, self.batch_size = job, batch_size
+        self.compute = compute_of(self.encoder)
+        claim_compute(job, self.compute)  # an actor that computes otherwise than the folder's shards is refused
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        counts = [encode_shard(self.encoder, self.job, int(s), self.batch_size) for s in batch["shard"]]
+        counts = [encode_shard(self.encoder, self.job, int(s), self.batch_size, self.compute) for s in batch["shard"]]
         return {"shard": np.asarray(batch["shard"]), "count": np.asarray(counts)}
 
 
@@ -47,10 +51,9 @@ def encode_with_ray(model: str, source: Source, output: str | Path, what: str, b
     from .encoder import model_spec
 
     path, spec = model_spec(model)
-    task = "self" if what == "corpus" else spec.query_task
-    max_length = spec.max_length if task == "self" else (spec.query_max_length or spec.max_length)
-    fp = encode_fingerprint(path, spec, backend, source, task, shard_size, dtype, max_length)
-    job = prepare(output, source, task, max_length, dtype, fp, shard_size, overwrite)
+    kind = "passage" if what == "corpus" else "query"
+    fp = encode_fingerprint(path, spec, backend, source, kind, shard_size, dtype)
+    job = prepare(output, source, kind, dtype, fp, shard_size, overwrite)
     if job is None:
         return Path(output)
     pending = job.pending()

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .errors import Llama2VecError
-from .prompts import cut
+from .prompts import text_rule
 
 log = logging.getLogger(__name__)
 
@@ -604,32 +604,28 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {settings.name!r}",
                            "model", "model_not_found")
 
-    def tokenize(items: list[str | list[int]], kind: str) -> list[list[int]]:
-        """Token ids of every input, checked against the length limit."""
-        limit = (spec.query_max_length or spec.max_length) if kind == "query" else spec.max_length
+    def tokenize(items: list[str | list[int]], kind: str) -> tuple[list[list[int]], str]:
+        """Token ids of every input, checked against the length limit of `kind` and cut as the encoder cuts
+        (with --auto-truncate), and the prompt task (`Llama2Vec.fit`)."""
+        limit, _ = text_rule(spec, kind)
         texts = [t for t in items if isinstance(t, str)]
         with tokenizer_lock:
-            encoded = iter(encoder.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        rows = []
-        for i, item in enumerate(items):
-            row = next(encoded) if isinstance(item, str) else item
+            encoded = iter(encoder.tokenize(texts))
+        rows = [next(encoded) if isinstance(item, str) else item for item in items]
+        for i, row in enumerate(rows):
             if not row:
                 raise ApiError(400, f"input {i} has no tokens", "input")
-            if len(row) > limit:
-                if not settings.auto_truncate:
-                    raise ApiError(400, f"input {i} is {len(row)} tokens long; this model takes {kind} texts of at "
-                                        f"most {limit} tokens (the server cuts longer ones with --auto-truncate)",
-                                   "input", "context_length_exceeded")
-                row = cut(row, limit, encoder.tokenizer.truncation_side)
-            rows.append(row)
-        return rows
+            if len(row) > limit and not settings.auto_truncate:
+                raise ApiError(400, f"input {i} is {len(row)} tokens long; this model takes {kind} texts of at "
+                                    f"most {limit} tokens (the server cuts longer ones with --auto-truncate)",
+                               "input", "context_length_exceeded")
+        return encoder.fit(rows, kind)
 
     async def embed(items: list[str | list[int]], kind: str) -> tuple[np.ndarray, int]:
         batcher.admit(len(items))  # refused before the work of tokenising
-        rows = await run_in_threadpool(tokenize, items, kind)
-        task = spec.query_task if kind == "query" else "self"
+        rows, task = await run_in_threadpool(tokenize, items, kind)
         emb = await batcher.encode(rows, task)
-        metrics.texts.labels(kind).inc(len(rows))
+        metrics.texts.labels("query" if kind == "query" else "document").inc(len(rows))  # as the API names them
         return emb, sum(len(r) for r in rows)
 
     errors = {status: {"model": models["ErrorResponse"], "description": text} for status, text in (
@@ -645,7 +641,7 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
     async def embeddings(body: EmbeddingsRequest):
         check_model(body.model)
         items = [body.input] if isinstance(body.input, str) or _is_id_list(body.input) else list(body.input)
-        emb, tokens = await embed(items, body.input_type)
+        emb, tokens = await embed(items, "query" if body.input_type == "query" else "passage")
         vectors = _vectors(emb, body.dimensions, body.encoding_format)
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
         return JSONResponse({"object": "list", "data": data, "model": settings.name,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .card import EVALUATIONS, TRAINING, write_card
 from .errors import Llama2VecError
+from .prompts import KINDS, text_rule
 from .store import atomic_folder, ensure_folder, write_json
 
 MODULE_FILE = "llama2vec_st.py"
@@ -43,19 +44,20 @@ def export_sentence_transformers(model: str, output: str | Path, device: str = "
                              f"choose another --output")
     encoder = Llama2Vec.from_pretrained(model, device=device, dtype="float32")
     spec, ids = encoder.spec, encoder.ids
-    query_suffix = ids.next_suffix if spec.query_task == "next" else ids.self_suffix
+    (query_length, query_task), (document_length, document_task) = (text_rule(spec, k) for k in KINDS)
+    suffix = {"next": ids.next_suffix, "self": ids.self_suffix}  # the module keeps its own copy of the rule
     pad_id = encoder.tokenizer.pad_token_id
     transformer = {
         "transformer_task": "feature-extraction",
         "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
         "module_output_name": "token_embeddings",
         "unpad_inputs": False,  # the placeholders must close every (left-padded) row
-        "query_length": spec.query_max_length or spec.max_length,
-        "document_length": spec.max_length,
+        "query_length": query_length,
+        "document_length": document_length,
         "bos_ids": ids.bos,
         "prefix_ids": ids.prefix,
-        "query_suffix_ids": query_suffix,
-        "document_suffix_ids": ids.self_suffix,
+        "query_suffix_ids": suffix[query_task],
+        "document_suffix_ids": suffix[document_task],
         "pad_token_id": pad_id,
     }
     modules = [
