@@ -285,6 +285,9 @@ def test_silent_wrong_results_are_errors(tmp_path, caplog):
     save_index(tmp_path / "b", build_index(emb[2:]), ["y", "z"], "Flat")
     with pytest.raises(Llama2VecError, match=r"ids also in .*a: y"):
         search_shards([tmp_path / "a", tmp_path / "b"], ["q"], emb[:1], 2)
+    (tmp_path / "b" / "ids.txt").write_text("y\n")  # an id lost: every hit after it would name the wrong passage
+    with pytest.raises(Llama2VecError, match=r"b: index.faiss holds 2 vectors, ids.txt 1 ids: the folder is damaged"):
+        search_shards([tmp_path / "b"], ["q"], emb[:1], 2)
     with pytest.raises(Llama2VecError, match=r"qrels.tsv: no positive judgement .* 2 queries"):
         evaluate_run({"q1": {"d1": 0}, "q2": {"d2": 0}}, {"q1": {"d1": 1.0}}, "qrels.tsv")
     assert evaluate_run({"q1": {"d1": 1}, "q2": {"d2": 0}}, {"q1": {"d1": 1.0}})["ndcg@10"] == 1.0

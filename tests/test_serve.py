@@ -28,7 +28,7 @@ from conftest import SENTENCES, write_tiny_model  # noqa: E402
 from llama2vec.cli import main  # noqa: E402
 from llama2vec.encoder import Llama2Vec  # noqa: E402
 from llama2vec.formats import read_run, write_jsonl_rows  # noqa: E402
-from llama2vec.serve import Searcher, Settings, create_app, listen  # noqa: E402
+from llama2vec.serve import MAX_INPUTS, MAX_K, Searcher, Settings, create_app, listen  # noqa: E402
 
 KEY = "secret-key"
 TEXTS = SENTENCES + ["short", "A much longer text about retrieval: " + " ".join(SENTENCES[:3])]
@@ -302,6 +302,51 @@ def test_search_equals_llama2vec_search(server, beir, model_dir):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param
 
 
+def test_search_over_parts_mapped_or_resident_equals_llama2vec_search(model_dir, ref, beir, tmp_path):
+    """An IVF index in three parts, searched with nprobe=2: memory-mapped (the default) and resident, the server
+    gives the hits and scores of `llama2vec search --params nprobe=2` over the same parts."""
+    for what, extra in (("corpus", ["--shard-size", "4"]), ("queries", [])):
+        assert main(["encode", "--model", str(model_dir), "--dataset", str(beir["data"]), "--what", what,
+                     "--device", "cpu", "--output", str(tmp_path / what), *extra]) == 0
+    assert main(["index", "--embeddings", str(tmp_path / "corpus"), "--output", str(tmp_path / "parts"),
+                 "--parts", "3", "--factory", "IVF4,Flat"]) == 0
+    runs = {}
+    for params in ("nprobe=2", "nprobe=1"):
+        assert main(["search", "--index", str(tmp_path / "parts"), "--queries", str(tmp_path / "queries"), "--k", "5",
+                     "--params", params, "--output", str(tmp_path / f"{params}.trec")]) == 0
+        runs[params] = read_run(tmp_path / f"{params}.trec")
+    assert runs["nprobe=2"] != runs["nprobe=1"]  # the parameter matters on this index
+    for resident in (False, True):
+        searcher = Searcher(tmp_path / "parts", beir["data"], ref.dim, resident=resident, params="nprobe=2")
+        with running(serve_app(model_dir, searcher)) as url:
+            r = httpx.post(f"{url}/v1/search", json={"query": beir["queries"], "k": 5})
+        assert r.status_code == 200, r.text
+        for i, hit in enumerate(r.json()["data"]):
+            expected = sorted(runs["nprobe=2"][f"q{i}"].items(), key=lambda kv: -kv[1])
+            assert [h["id"] for h in hit["results"]] == [d for d, _ in expected], resident
+            assert max_diff([h["score"] for h in hit["results"]], [s for _, s in expected]) <= 1e-5
+
+
+def test_search_limits_queries_times_k_and_the_response_size(model_dir, ref, beir):
+    one = Searcher(beir["index"], beir["data"], ref.dim).search(ref.encode_queries(beir["queries"][:1]), 5)[0]
+    chars = sum(len(h["title"]) + len(h["text"]) for h in one)
+    app = serve_app(model_dir, Searcher(beir["index"], beir["data"], ref.dim), max_hits=6,
+                    max_response_bytes=chars - 1)
+    with running(app) as url:
+        r = httpx.post(f"{url}/v1/search", json={"query": beir["queries"], "k": 5})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_hits", r.text
+        assert "asks for 15 hits" in r.json()["error"]["message"] and "--max-hits" in r.json()["error"]["message"]
+        r = httpx.post(f"{url}/v1/search", json={"query": beir["queries"][0], "k": 5})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "response_too_large", r.text
+        assert "--max-response-mb" in r.json()["error"]["message"]
+        r = httpx.post(f"{url}/v1/search", json={"query": beir["queries"][0], "k": 5, "return_text": False})
+        assert r.status_code == 200, r.text
+        hits = r.json()["data"][0]["results"]
+        assert [h["id"] for h in hits] == [h["id"] for h in one] and all(set(h) == {"id", "score"} for h in hits)
+        r = httpx.post(f"{url}/v1/search", json={"query": beir["queries"][0], "k": 4})
+        assert r.status_code == 200 and r.json()["data"][0]["results"] == one[:4]
+
+
 def test_search_without_an_index_is_404(lenient):
     r = httpx.post(f"{lenient}/v1/search", json={"query": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "no_index"
@@ -373,9 +418,11 @@ SLOW_SERVER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_request_in_flight_then_exits_0(model_dir, ref, tmp_path):
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(model_dir, ref, beir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, "serve", "--model", str(model_dir), "--port", "0",
-                             "--device", "cpu"], stderr=subprocess.PIPE, text=True,
+                             "--device", "cpu", "--index", str(beir["index"]), "--dataset", str(beir["data"]),
+                             "--resident", "--max-hits", "10", "--max-response-mb", "1"],
+                            stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         url, log = None, []
@@ -388,11 +435,16 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(model_dir, ref, tmp
             url = found and found.group(1)
         threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
         assert url and httpx.get(f"{url}/health").status_code == 200
+        hits = httpx.post(f"{url}/v1/search", json={"query": beir["queries"][:2], "k": 5}, timeout=60)
+        assert hits.status_code == 200 and len(hits.json()["data"][1]["results"]) == 5, hits.text
+        too_many = httpx.post(f"{url}/v1/search", json={"query": beir["queries"][:3], "k": 5}, timeout=60)
+        assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_hits"
+        encoded = log.count("encoding\n")  # the search's queries
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(httpx.post, f"{url}/v1/embeddings", json={"input": TEXTS[:2]}, timeout=60)
-            while "encoding\n" not in log and time.monotonic() < deadline:
+            while log.count("encoding\n") == encoded and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert "encoding\n" in log, "".join(log)
+            assert log.count("encoding\n") > encoded, "".join(log)
             proc.send_signal(signal.SIGTERM)  # while the request is being encoded
             response = answer.result(timeout=60)
         assert response.status_code == 200, response.text
@@ -414,6 +466,13 @@ def test_the_command_reports_a_taken_port_cleanly(model_dir, capsys):
     finally:
         sock.close()
     assert "llama2vec: error: cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_the_command_refuses_search_parameters_the_index_has_not(model_dir, beir, capsys):
+    assert main(["serve", "--model", str(model_dir), "--index", str(beir["index"]), "--params", "nprobe=4",
+                 "--port", "0", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--params 'nprobe=4' does not apply to this IndexFlatIP: could not set parameter nprobe" in err
 
 
 def test_the_command_refuses_a_dataset_without_an_index(model_dir, capsys):
@@ -466,9 +525,10 @@ def test_the_schema_is_published_and_the_key_is_checked_before_the_body(server):
 
 @pytest.fixture(scope="module")
 def fuzzed(model_dir, ref, beir):
-    """A server with a key, the index and --auto-truncate (a text of any length is one it serves)."""
+    """A server with a key, the index, --auto-truncate (a text of any length is one it serves) and --max-hits as
+    large as the schema's bounds (any number of queries and any k it admits)."""
     with running(serve_app(model_dir, Searcher(beir["index"], beir["data"], ref.dim), api_key=KEY,
-                           auto_truncate=True)) as url:
+                           auto_truncate=True, max_hits=MAX_INPUTS * MAX_K)) as url:
         yield url
 
 

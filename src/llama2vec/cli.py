@@ -236,7 +236,9 @@ def _serve(args: argparse.Namespace) -> None:
     from .serve import serve
 
     serve(args.model, args.host, args.port, args.index, args.dataset, args.backend, args.device, args.drain_seconds,
-          allow_model_mismatch=args.allow_model_mismatch, api_key=args.api_key or os.environ.get("LLAMA2VEC_API_KEY"),
+          allow_model_mismatch=args.allow_model_mismatch, resident=args.resident, params=args.params,
+          max_hits=args.max_hits, max_response_bytes=int(args.max_response_mb * 1024 * 1024),
+          api_key=args.api_key or os.environ.get("LLAMA2VEC_API_KEY"),
           auto_truncate=args.auto_truncate,
           max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           max_queue_seconds=args.max_queue_seconds,
@@ -415,6 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="BEIR folder whose corpus.jsonl gives the titles and texts of the hits.")
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="Serve search over an index of another model's embeddings (refused otherwise).")
+    p.add_argument("--resident", action="store_true",
+                   help="Read the index parts whole into memory (default: memory-mapped, the page cache holding "
+                        "what searches touch).")
+    p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW).")
+    p.add_argument("--max-hits", type=int, default=100_000,
+                   help="Queries x k of one /v1/search request at most; more gets 400.")
+    p.add_argument("--max-response-mb", type=float, default=32.0,
+                   help="The hits' titles and texts of one /v1/search response at most; more gets 400.")
     p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' (default: $LLAMA2VEC_API_KEY, else none).")

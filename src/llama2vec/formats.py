@@ -16,10 +16,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .data import _field, _lines, read_objects
 from .errors import Llama2VecError
 from .store import atomic_write, check_text, write_lines
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Qrels = dict[str, dict[str, int]]  # query id -> {doc id: relevance}
 Run = dict[str, dict[str, float]]  # query id -> {doc id: score}
@@ -108,6 +112,28 @@ def _beir_folder(folder: str | Path) -> Path:
 def beir_corpus(folder: str | Path) -> dict[str, dict[str, str]]:
     """The corpus of a BEIR folder; queries and qrels may be absent."""
     return read_corpus(_beir_folder(folder) / "corpus.jsonl")
+
+
+def corpus_offsets(folder: str | Path, ids: list[str]) -> tuple[Path, np.ndarray]:
+    """(a BEIR folder's corpus.jsonl, the byte offset of the line of each of `ids`, -1 where absent): the
+    file scanned once and every line checked as `beir_corpus` checks it, without holding its texts."""
+    import numpy as np
+
+    from .data import objects_at
+
+    path = _beir_folder(folder) / "corpus.jsonl"
+    position = {doc_id: n for n, doc_id in enumerate(ids)}
+    offsets = np.full(len(ids), -1, dtype=np.int64)
+    for (start, _), where, obj in objects_at(path):
+        doc_id = _field(obj, "_id", where, required=True)
+        _field(obj, "title", where, required=False)
+        _field(obj, "text", where, required=True)
+        n = position.get(doc_id)
+        if n is not None:
+            if offsets[n] >= 0:
+                raise Llama2VecError(f"{where}: duplicate _id {doc_id!r}")
+            offsets[n] = start
+    return path, offsets
 
 
 def beir_queries(folder: str | Path, split: str) -> dict[str, str]:

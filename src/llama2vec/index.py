@@ -135,15 +135,34 @@ def save_index(folder: str | Path, index, ids, factory: str, meta: dict | None =
     return folder
 
 
-def load_index(folder: str | Path):
-    """(index, ids) of an index folder."""
+def load_index(folder: str | Path, mmap: bool = False):
+    """(index, ids) of an index folder. `mmap`: the vectors or codes stay in the file, memory-mapped
+    (`faiss.IO_FLAG_MMAP_IFC`, which maps flat codes, IVF lists and HNSW storage alike; the IVF-only
+    `IO_FLAG_MMAP` would leave Flat and HNSW indexes read whole): the process holds the coarse quantizer,
+    tables and graph, and the page cache holds what searches touch."""
     import faiss
 
     folder = Path(folder)
     if not (folder / "meta.json").is_file():
         raise Llama2VecError(f"{folder}: not an index folder (no meta.json)")
     ids = (folder / "ids.txt").read_text(encoding="utf-8").splitlines()
-    return faiss.read_index(str(folder / "index.faiss")), ids
+    index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
+    if index.ntotal != len(ids):
+        raise Llama2VecError(f"{folder}: index.faiss holds {index.ntotal} vectors, ids.txt {len(ids)} ids: the folder "
+                             f"is damaged; index again")
+    return index, ids
+
+
+def set_params(index, params: str, where: str | Path | None = None) -> None:
+    """Set FAISS search parameters ('nprobe=16', 'efSearch=128'); one the index has not is an error naming it."""
+    import faiss
+
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as e:
+        reason = str(e).strip().rsplit(":", 1)[-1].strip()  # FAISS's message ends with the reason
+        raise Llama2VecError(f"{where or 'the index'}: --params {params!r} does not apply to this "
+                             f"{type(faiss.downcast_index(index)).__name__}: {reason}") from None
 
 
 def search_index(index, queries: np.ndarray, k: int, batch_size: int = 1024,
@@ -151,9 +170,7 @@ def search_index(index, queries: np.ndarray, k: int, batch_size: int = 1024,
     """Top-k (scores (Q, k), positions (Q, k)) in batches of queries; missing hits are -1.
     `params` sets search-time parameters, e.g. 'nprobe=16' (IVF) or 'efSearch=128' (HNSW)."""
     if params:
-        import faiss
-
-        faiss.ParameterSpace().set_index_parameters(index, params)
+        set_params(index, params)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if k < 1:
         raise Llama2VecError(f"k must be at least 1, got {k}")
@@ -204,7 +221,9 @@ def search_parts(parts: Iterable[tuple[object, list[str], str]], queries: np.nda
             raise Llama2VecError(f"{name}: ids also in {seen[clash[0]]}: {', '.join(clash[:5])}: the index shards "
                                  f"must hold disjoint passages")
         seen.update(dict.fromkeys(ids, name))
-        s, i = search_index(index, queries, k, params=params)
+        if params:
+            set_params(index, params, name)
+        s, i = search_index(index, queries, k)
         results.append((s, np.where(i >= 0, i + len(all_ids), -1)))
         all_ids.extend(ids)
     scores, found = merge_topk(results, k)
@@ -236,8 +255,8 @@ def check_queries(folders: list[str | Path], model: str | None, dim: int, what: 
 
 def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.ndarray, k: int,
                   params: str | None = None) -> Run:
-    """Search every index folder (one at a time: one in memory) and merge their top-k by score."""
-    parts = ((*load_index(folder), folder) for f in folders for folder in index_parts(f))
+    """Search every index folder (one at a time, memory-mapped) and merge their top-k by score."""
+    parts = ((*load_index(folder, mmap=True), folder) for f in folders for folder in index_parts(f))
     scores, found, ids = search_parts(parts, queries, k, params)
     return to_run(query_ids, ids, scores, found)
 

@@ -3,8 +3,10 @@
 - `POST /v1/embeddings`: OpenAI's request and response (`input` as a string, strings, token ids or
   lists of token ids; `encoding_format` float or base64; `dimensions`), plus `input_type`: `query`
   or `document` (default), which chooses the prompt.
-- `POST /v1/search`: `{"query": str | [str], "k": int}` over the index, with the passages' titles
-  and texts from the BEIR dataset.
+- `POST /v1/search`: `{"query": str | [str], "k": int, "return_text": bool}` over the index, with the
+  passages' titles and texts from the BEIR dataset; queries x k and the texts' size are bounded
+  (`--max-hits`, `--max-response-mb`). The index parts are memory-mapped (or read whole with
+  `--resident`) and searched one after the other.
 - `GET /health` and `GET /openapi.json` (no key), `GET /v1/models`, `GET /metrics` (Prometheus).
 
 Requests are parsed by pydantic models bounded by the model's dimensions and vocabulary (`schema_models`), which
@@ -349,45 +351,87 @@ class Guard:
 # Search
 
 
+class Passages:
+    """The titles and texts of a BEIR corpus for the hits of an index, read from `corpus.jsonl` by byte offset:
+    the file is scanned once at load (every line checked, as a BEIR reader does), then only the lines of a
+    request's hits are read. Memory: one offset per indexed passage, whatever the texts' size."""
+
+    def __init__(self, dataset: str | Path, ids: list[str]):
+        from .formats import corpus_offsets
+
+        self.path, self.offsets = corpus_offsets(dataset, ids)
+        self.missing = int((self.offsets < 0).sum())
+
+    def lookup(self, positions: list[int]) -> list[dict]:
+        """{'title', 'text'} of each position ({} for a passage not in the corpus)."""
+        import json
+
+        out = []
+        with self.path.open("rb") as fh:
+            for n in positions:
+                offset = int(self.offsets[n])
+                if offset < 0:
+                    out.append({})
+                    continue
+                fh.seek(offset)
+                doc = json.loads(fh.readline())
+                out.append({"title": doc.get("title") or "", "text": doc["text"]})
+        return out
+
+
 class Searcher:
-    """The parts of an index folder, loaded once, and the passages of a BEIR dataset (optional)."""
+    """The parts of an index folder, opened once (memory-mapped, or read whole with `resident`), their ids
+    and search parameters, and the passages of a BEIR dataset (optional). A request costs its FAISS search,
+    part by part, and the look-up of its hits."""
 
-    def __init__(self, index: str | Path, dataset: str | Path | None, dim: int):
-        from .formats import beir_corpus
-        from .index import index_parts, load_index
+    def __init__(self, index: str | Path, dataset: str | Path | None, dim: int, resident: bool = False,
+                 params: str | None = None):
+        from .index import index_parts, load_index, set_params
 
-        self.parts = [load_index(p) for p in index_parts(index)]
+        self.parts = [load_index(p, mmap=not resident) for p in index_parts(index)]
         for part, _ in self.parts:
             if part.d != dim:
                 raise Llama2VecError(f"{index}: an index of {part.d}-dimension vectors; the model gives {dim}")
-        self.ids = [i for _, ids in self.parts for i in ids]  # once, at load: a request looks up its hits only
+            if params:
+                set_params(part, params, index)
+        self.ids = [i for _, ids in self.parts for i in ids]
         self.offsets = np.cumsum([0] + [len(ids) for _, ids in self.parts[:-1]]).tolist()
         if len(set(self.ids)) != len(self.ids):
             raise Llama2VecError(f"{index}: an id is in several index parts: the parts must hold disjoint passages")
-        self.corpus = beir_corpus(dataset) if dataset else {}
-        missing = sum(i not in self.corpus for i in self.ids) if dataset else 0
-        if missing:
-            log.warning("%d of %d indexed ids are not in %s: they come without title and text", missing,
-                        len(self.ids), dataset)
+        self.parts = [part for part, _ in self.parts]
+        self.passages = Passages(dataset, self.ids) if dataset else None
+        if self.passages and self.passages.missing:
+            log.warning("%d of %d indexed ids are not in %s: they come without title and text",
+                        self.passages.missing, len(self.ids), dataset)
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[dict]]:
-        """Each query's hits, best first, as `llama2vec search` ranks them over the same parts."""
+    def search(self, queries: np.ndarray, k: int, with_text: bool = True,
+               max_chars: int | None = None) -> list[list[dict]]:
+        """Each query's hits, best first, as `llama2vec search` ranks them over the same parts. `max_chars`: the
+        titles and texts of all hits together at most (else an ApiError saying so)."""
         from .index import merge_topk, search_index
 
         results = []
-        for (index, _), offset in zip(self.parts, self.offsets):
+        for index, offset in zip(self.parts, self.offsets):
             s, i = search_index(index, queries, k)
             results.append((s, np.where(i >= 0, i + offset, -1)))
         scores, found = merge_topk(results, k)
-        hits = []
-        for row_scores, row_ids in zip(scores, found):
-            hits.append([{"id": self.ids[d], "score": float(s), **self._passage(self.ids[d])}
-                         for d, s in zip(row_ids, row_scores) if d >= 0])
+        rows = [[(int(d), float(s)) for d, s in zip(row_ids, row_scores) if d >= 0]
+                for row_ids, row_scores in zip(found, scores)]
+        texts = None
+        if with_text and self.passages is not None:
+            texts = iter(self.passages.lookup([d for row in rows for d, _ in row]))
+        hits, chars = [], 0
+        for row in rows:
+            hits.append([])
+            for d, score in row:
+                passage = next(texts) if texts is not None else {}
+                chars += len(passage.get("title", "")) + len(passage.get("text", ""))
+                hits[-1].append({"id": self.ids[d], "score": score, **passage})
+            if max_chars is not None and chars > max_chars:
+                raise ApiError(400, f"the hits' titles and texts come to over {max_chars:,} characters, this "
+                                    f"server's response limit (--max-response-mb): ask for fewer queries or a "
+                                    f"smaller k, or set return_text to false", "k", "response_too_large")
         return hits
-
-    def _passage(self, doc_id: str) -> dict:
-        doc = self.corpus.get(doc_id)
-        return {"title": doc.get("title") or "", "text": doc["text"]} if doc else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,7 +502,9 @@ def schema_models(dim: int, vocab: int, max_k: int = MAX_K):
 
     class SearchRequest(Request):
         query: Text | Many = Field(description="A query or queries.")
-        k: integer(1, max_k) = Field(10, description="Hits a query.")
+        k: integer(1, max_k) = Field(10, description="Hits a query (queries x k at most the server's --max-hits).")
+        return_text: bool = Field(True, description="Give each hit's title and text (with --dataset), or ids and "
+                                                    "scores only.")
 
     class Usage(BaseModel):
         prompt_tokens: int
@@ -536,6 +582,8 @@ class Settings:
     max_request_bytes: int = 16 * 1024 * 1024
     batching: bool = True
     max_queue_seconds: float = 30.0
+    max_hits: int = 100_000  # queries x k of one search request
+    max_response_bytes: int = 32 * 1024 * 1024  # the hits' titles and texts of one search response
 
 
 def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
@@ -556,6 +604,8 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
     metrics = Metrics()
     if settings.max_queue_seconds <= 0:
         raise Llama2VecError("--max-queue-seconds must be positive")
+    if settings.max_hits < 1 or settings.max_response_bytes < 1:
+        raise Llama2VecError("--max-hits and --max-response-mb must be positive")
     batcher = Batcher(encoder, settings.max_batch_tokens, settings.max_wait_ms, settings.max_queue,
                       settings.batching, metrics, settings.max_queue_seconds)
     names = {settings.name, *settings.aliases}
@@ -654,8 +704,12 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
             raise ApiError(404, "this server has no index: start it with --index DIR (and --dataset DIR)",
                            code="no_index")
         queries = [body.query] if isinstance(body.query, str) else list(body.query)
+        if len(queries) * body.k > settings.max_hits:
+            raise ApiError(400, f"{len(queries)} queries x k = {body.k} asks for {len(queries) * body.k:,} hits; this "
+                                f"server gives at most {settings.max_hits:,} a request (--max-hits): send fewer "
+                                f"queries a request or a smaller k", "k", "too_many_hits")
         emb, tokens = await embed(queries, "query")
-        hits = await run_in_threadpool(searcher.search, emb, body.k)
+        hits = await run_in_threadpool(searcher.search, emb, body.k, body.return_text, settings.max_response_bytes)
         data = [{"object": "search_result", "index": i, "query": q, "results": h}
                 for i, (q, h) in enumerate(zip(queries, hits))]
         return JSONResponse({"object": "list", "data": data, "model": settings.name,
@@ -721,7 +775,8 @@ def run(app, sock: socket.socket, drain_seconds: float = 60.0) -> None:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, index: str | None = None,
           dataset: str | None = None, backend: str = "torch", device: str = "auto", drain_seconds: float = 60.0,
-          allow_model_mismatch: bool = False, **settings) -> None:
+          allow_model_mismatch: bool = False, resident: bool = False, params: str | None = None,
+          **settings) -> None:
     """Load the model (and the index and dataset) once, then serve until SIGTERM or SIGINT."""
     try:
         import fastapi  # noqa: F401
@@ -742,7 +797,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, index: str | No
 
         check_queries([index], model_identity(encoder.source) if encoder.source else None, encoder.dim,
                       f"the queries of {model}", allow_model_mismatch)
-    searcher = Searcher(index, dataset, encoder.dim) if index else None
+    searcher = Searcher(index, dataset, encoder.dim, resident, params) if index else None
     folder = Path(model.rstrip("/")).name
     app = create_app(encoder, Settings(name=model, aliases=(folder,), **settings), searcher)
     log.info("serving %s (%s, %d dimensions) on http://%s:%d%s", model, backend, encoder.dim, host,
