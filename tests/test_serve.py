@@ -347,6 +347,25 @@ def test_search_limits_queries_times_k_and_the_response_size(model_dir, ref, bei
         assert r.status_code == 200 and r.json()["data"][0]["results"] == one[:4]
 
 
+def test_concurrent_searches_share_one_faiss_search_and_each_gets_its_own_hits(model_dir, ref, beir):
+    """Search requests queued together are searched in one FAISS call at the largest k (as an offline search runs
+    its queries); each request gets its own k hits, those of `llama2vec search`."""
+    searcher = Searcher(beir["index"], beir["data"], ref.dim)
+    calls = []
+    topk = searcher.topk
+    searcher.topk = lambda queries, k: calls.append((len(queries), k)) or topk(queries, k)
+    bodies = [{"query": beir["queries"][i % 3], "k": 2 + i % 4} for i in range(12)]
+    with running(serve_app(model_dir, searcher, max_wait_ms=200)) as url:
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/search", json=b, timeout=60), bodies))
+    assert len(calls) < len(bodies) and max(n for n, _ in calls) > 1, calls  # requests shared searches
+    for body, r in zip(bodies, answers):
+        assert r.status_code == 200, r.text
+        q = beir["queries"].index(body["query"])
+        expected = sorted(beir["run"][f"q{q}"].items(), key=lambda kv: -kv[1])[: body["k"]]
+        assert [h["id"] for h in r.json()["data"][0]["results"]] == [d for d, _ in expected]
+
+
 def test_search_without_an_index_is_404(lenient):
     r = httpx.post(f"{lenient}/v1/search", json={"query": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "no_index"

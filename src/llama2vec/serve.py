@@ -117,6 +117,7 @@ class Job:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     tokens: int  # tokens with the prompt
+    k: int = 0  # > 0: also search the index for the k best hits of each text
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -135,11 +136,13 @@ def forwards(lengths: list[int], budget: int) -> list[list[int]]:
 
 class Batcher:
     """Queues tokenised requests and encodes them in one worker thread, several requests a batch
-    (`batching`) or one request at a time."""
+    (`batching`) or one request at a time. Search requests are searched there too, the queries of a batch's
+    requests in one FAISS search (`searcher`), as an offline search runs them."""
 
     def __init__(self, encoder, max_batch_tokens: int = 8192, max_wait_ms: float = 10.0, max_queue: int = 8192,
-                 batching: bool = True, metrics: Metrics | None = None, max_queue_seconds: float = 30.0):
-        self.encoder, self.batching, self.metrics = encoder, batching, metrics
+                 batching: bool = True, metrics: Metrics | None = None, max_queue_seconds: float = 30.0,
+                 searcher: "Searcher | None" = None):
+        self.encoder, self.batching, self.metrics, self.searcher = encoder, batching, metrics, searcher
         self.max_queue_seconds = max_queue_seconds
         self.rate: float | None = None  # tokens a second the worker encodes, measured as it runs
         self.max_batch_tokens, self.max_wait, self.max_queue = max_batch_tokens, max_wait_ms / 1000, max_queue
@@ -180,10 +183,12 @@ class Batcher:
             raise Overloaded(f"the server is busy: the queue holds about {wait:.0f} s of work, over the "
                              f"{self.max_queue_seconds:g} s it admits; retry later", wait - self.max_queue_seconds)
 
-    async def encode(self, rows: list[list[int]], task: str) -> np.ndarray:
-        """(len(rows), H) embeddings; raises `Overloaded` when the queue is full or too slow to wait for."""
+    async def encode(self, rows: list[list[int]], task: str, k: int = 0):
+        """(len(rows), H) embeddings, or with `k` (emb, scores (len(rows), k'), positions) from the searcher;
+        raises `Overloaded` when the queue is full or too slow to wait for."""
         loop = asyncio.get_running_loop()
-        job = Job(rows, task, loop.create_future(), loop, sum(len(r) for r in rows) + self.overhead[task] * len(rows))
+        job = Job(rows, task, loop.create_future(), loop, sum(len(r) for r in rows) + self.overhead[task] * len(rows),
+                  k)
         with self.cond:
             self.admit(len(rows))
             self.pending += len(rows)
@@ -226,6 +231,7 @@ class Batcher:
             start = time.perf_counter()
             try:
                 results = self._encode([j for j in jobs if not j.future.cancelled()])
+                self._search([j for j in jobs if j.k and id(j) in results], results)
             except Exception as e:  # the requests fail with a 500; the worker goes on
                 log.exception("encoding failed")
                 results = {id(j): e for j in jobs}
@@ -235,6 +241,19 @@ class Batcher:
                 self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
             for job in jobs:
                 job.loop.call_soon_threadsafe(_settle, job.future, results.get(id(job)))
+
+    def _search(self, jobs: list[Job], results: dict) -> None:
+        """The searches of a batch: every query in one FAISS search at the largest k, each job its own k."""
+        if not jobs:
+            return
+        k = max(j.k for j in jobs)
+        scores, found = self.searcher.topk(np.concatenate([results[id(j)] for j in jobs]), k)
+        start = 0
+        for job in jobs:
+            n = len(job.rows)
+            rows = slice(start, start + n)
+            results[id(job)] = (results[id(job)], scores[rows, :job.k], found[rows, :job.k])
+            start += n
 
     def _encode(self, jobs: list[Job]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
@@ -404,17 +423,20 @@ class Searcher:
             log.warning("%d of %d indexed ids are not in %s: they come without title and text",
                         self.passages.missing, len(self.ids), dataset)
 
-    def search(self, queries: np.ndarray, k: int, with_text: bool = True,
-               max_chars: int | None = None) -> list[list[dict]]:
-        """Each query's hits, best first, as `llama2vec search` ranks them over the same parts. `max_chars`: the
-        titles and texts of all hits together at most (else an ApiError saying so)."""
+    def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k), positions into `ids`, -1 for none) over every part, as `llama2vec search` ranks them."""
         from .index import merge_topk, search_index
 
         results = []
         for index, offset in zip(self.parts, self.offsets):
             s, i = search_index(index, queries, k)
             results.append((s, np.where(i >= 0, i + offset, -1)))
-        scores, found = merge_topk(results, k)
+        return merge_topk(results, k)
+
+    def hits(self, scores: np.ndarray, found: np.ndarray, with_text: bool = True,
+             max_chars: int | None = None) -> list[list[dict]]:
+        """Each query's hits, best first: ids and scores, and the passages' titles and texts. `max_chars`: the
+        titles and texts of all hits together at most (else an ApiError saying so)."""
         rows = [[(int(d), float(s)) for d, s in zip(row_ids, row_scores) if d >= 0]
                 for row_ids, row_scores in zip(found, scores)]
         texts = None
@@ -432,6 +454,9 @@ class Searcher:
                                     f"server's response limit (--max-response-mb): ask for fewer queries or a "
                                     f"smaller k, or set return_text to false", "k", "response_too_large")
         return hits
+
+    def search(self, queries: np.ndarray, k: int, with_text: bool = True) -> list[list[dict]]:
+        return self.hits(*self.topk(queries, k), with_text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,7 +632,7 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
     if settings.max_hits < 1 or settings.max_response_bytes < 1:
         raise Llama2VecError("--max-hits and --max-response-mb must be positive")
     batcher = Batcher(encoder, settings.max_batch_tokens, settings.max_wait_ms, settings.max_queue,
-                      settings.batching, metrics, settings.max_queue_seconds)
+                      settings.batching, metrics, settings.max_queue_seconds, searcher)
     names = {settings.name, *settings.aliases}
     spec, vocab = encoder.spec, len(encoder.tokenizer)
     models = schema_models(encoder.dim, vocab)
@@ -671,10 +696,10 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
                                "input", "context_length_exceeded")
         return encoder.fit(rows, kind)
 
-    async def embed(items: list[str | list[int]], kind: str) -> tuple[np.ndarray, int]:
+    async def embed(items: list[str | list[int]], kind: str, k: int = 0) -> tuple[Any, int]:
         batcher.admit(len(items))  # refused before the work of tokenising
         rows, task = await run_in_threadpool(tokenize, items, kind)
-        emb = await batcher.encode(rows, task)
+        emb = await batcher.encode(rows, task, k)
         metrics.texts.labels("query" if kind == "query" else "document").inc(len(rows))  # as the API names them
         return emb, sum(len(r) for r in rows)
 
@@ -708,8 +733,8 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
             raise ApiError(400, f"{len(queries)} queries x k = {body.k} asks for {len(queries) * body.k:,} hits; this "
                                 f"server gives at most {settings.max_hits:,} a request (--max-hits): send fewer "
                                 f"queries a request or a smaller k", "k", "too_many_hits")
-        emb, tokens = await embed(queries, "query")
-        hits = await run_in_threadpool(searcher.search, emb, body.k, body.return_text, settings.max_response_bytes)
+        (_, scores, found), tokens = await embed(queries, "query", body.k)
+        hits = await run_in_threadpool(searcher.hits, scores, found, body.return_text, settings.max_response_bytes)
         data = [{"object": "search_result", "index": i, "query": q, "results": h}
                 for i, (q, h) in enumerate(zip(queries, hits))]
         return JSONResponse({"object": "list", "data": data, "model": settings.name,
