@@ -414,6 +414,8 @@ def test_metrics(server, model_dir):
     assert metric(text, 'llama2vec_requests_total{route="/v1/embeddings",status="400"}') >= 1
     assert metric(text, 'llama2vec_request_seconds_count{route="/v1/embeddings"}') >= 2
     assert metric(text, "llama2vec_batch_texts_count") >= 1 and metric(text, "llama2vec_batch_texts_sum") >= 2
+    assert metric(text, "llama2vec_batch_seconds_count") >= 1
+    assert 0 < metric(text, "llama2vec_longest_batch_seconds") <= 60
     assert "llama2vec_queue_texts 0.0" in text
     assert metric(text, 'llama2vec_texts_total{input_type="document"}') >= 2
 

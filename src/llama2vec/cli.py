@@ -431,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     _add_backend(p)
     p.add_argument("--max-batch-tokens", type=int, default=8192,
-                   help="Padded tokens (prompt included) a forward takes at most; requests queued together are "
-                        "encoded together up to this.")
+                   help="Padded tokens (prompt included) a forward takes at most; the requests queued when the "
+                        "encoder is free are encoded together, up to four forwards' worth, sorted by length.")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="How long the oldest queued request waits for others to join its batch.")
     p.add_argument("--max-queue", type=int, default=8192,

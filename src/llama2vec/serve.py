@@ -14,8 +14,9 @@ the published schema shows: what the schema admits the server serves, and what i
 checked before the body is read.
 
 Requests are tokenised in threads and queued; one worker thread takes what has queued (up to
-`max_batch_tokens` padded tokens, waiting at most `max_wait_ms` after the oldest request), encodes it
-in forwards sorted by length, and hands each request its rows. Texts are left-padded with positions
+`GATHER_FORWARDS` forwards of `max_batch_tokens` padded tokens, waiting at most `max_wait_ms` after the
+oldest request for one forward's worth), encodes it in forwards sorted by length, searches the queries
+of search requests in one FAISS call, and hands each request its rows. Texts are left-padded with positions
 that count real tokens only, so a text's embedding does not depend on its batch. The queue is bounded
 (`max_queue` texts waiting or being encoded: beyond that, 503). Errors take OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}`. On SIGTERM the server stops accepting
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 MAX_INPUTS = 2048  # inputs of one request, as OpenAI's API
 MAX_K = 1000  # results per search query
+# A batch takes the queued requests of up to this many full forwards: sorted by length together, texts of like
+# length share a forward (less padding), and a search batch is larger (measured: bench/serve_load.py --search).
+GATHER_FORWARDS = 4
 ROUTES = ("/v1/embeddings", "/v1/search", "/v1/models", "/health", "/metrics", "/openapi.json")
 
 
@@ -104,6 +108,12 @@ class Metrics:
         self.batch_tokens = Histogram("llama2vec_batch_tokens", "Padded tokens per forward", registry=self.registry,
                                       buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536))
         self.queue = Gauge("llama2vec_queue_texts", "Texts waiting for the encoder", registry=self.registry)
+        self.batch_seconds = Histogram("llama2vec_batch_seconds", "Seconds the worker took for a batch of requests",
+                                       registry=self.registry,
+                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.longest_batch = Gauge("llama2vec_longest_batch_seconds", "The longest batch so far",
+                                   registry=self.registry)
+        self.longest = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +222,8 @@ class Batcher:
                     break
                 self.cond.wait(left)
         taken, tokens = [], 0
-        while self.jobs and (not taken or (self.batching and tokens + self.jobs[0].tokens <= self.max_batch_tokens)):
+        budget = GATHER_FORWARDS * self.max_batch_tokens
+        while self.jobs and (not taken or (self.batching and tokens + self.jobs[0].tokens <= budget)):
             job = self.jobs.popleft()
             tokens += job.tokens
             self.queued_tokens -= job.tokens
@@ -235,7 +246,13 @@ class Batcher:
             except Exception as e:  # the requests fail with a 500; the worker goes on
                 log.exception("encoding failed")
                 results = {id(j): e for j in jobs}
-            rate = sum(j.tokens for j in jobs) / max(time.perf_counter() - start, 1e-6)
+            took = time.perf_counter() - start
+            rate = sum(j.tokens for j in jobs) / max(took, 1e-6)
+            if self.metrics:
+                self.metrics.batch_seconds.observe(took)
+                if took > self.metrics.longest:
+                    self.metrics.longest = took
+                    self.metrics.longest_batch.set(took)
             with self.cond:
                 self.pending -= sum(len(j.rows) for j in jobs)
                 self.rate = rate if self.rate is None else 0.8 * self.rate + 0.2 * rate
