@@ -396,7 +396,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--queries-per-request", type=int, default=16)
     parser.add_argument("--offline-queries", type=int, default=20_000)
-    parser.add_argument("--output", default="BENCHMARKS.md")
+    parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     args = parser.parse_args()
     search_bench(args) if args.search else embeddings_bench(args)
 
