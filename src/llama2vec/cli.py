@@ -192,6 +192,20 @@ def _index(args: argparse.Namespace) -> None:
     from .index import index_folder
     from .store import read_json
 
+    lance_only = {"--dataset": args.dataset, "--index-type": args.index_type, "--float16": args.float16,
+                  "--partitions": args.partitions, "--sub-vectors": args.sub_vectors}
+    if args.store == "lancedb":
+        from .lance_store import build_store
+
+        if not args.dataset:
+            raise Llama2VecError("--store lancedb needs --dataset: the BEIR folder whose passages the store holds")
+        out = build_store(args.embeddings, args.dataset, args.output, args.index_type or "flat", args.float16,
+                          args.train_size, args.partitions, args.sub_vectors)
+        print(f"stored {args.embeddings} and the passages of {args.dataset} in the LanceDB store {out}")
+        return
+    given = [flag for flag, value in lance_only.items() if value]
+    if given:
+        raise Llama2VecError(f"{', '.join(given)}: options of --store lancedb")
     source = read_json(f"{args.embeddings}/meta.json").get("fingerprint")
     out = index_folder(args.embeddings, args.output, args.factory, args.train_size, args.pca, args.parts,
                        seed=args.seed, gpu=args.faiss_gpu, meta={"embeddings": source})
@@ -222,7 +236,7 @@ def _search(args: argparse.Namespace) -> None:
     made_by = (read_json_or_none(Path(args.queries) / "meta.json") or {}).get("fingerprint") or {}
     check_queries(args.index, made_by.get("model"), queries.shape[1], f"the queries of {args.queries}",
                   args.allow_model_mismatch)
-    run = search_shards(args.index, qids, queries, args.k, args.params)
+    run = search_shards(args.index, qids, queries, args.k, args.params, args.where)
     if args.fuse_run:
         dev_runs = [read_run(r) for r in args.dev_runs] if args.fusion == AUTO else None
         dev_qrels = read_qrels(Path(args.dev_qrels)) if args.fusion == AUTO else None
@@ -378,9 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend(p)
     p.set_defaults(func=_encode)
 
-    p = sub.add_parser("index", help="Build a FAISS index from an embeddings folder, shard by shard.")
+    p = sub.add_parser("index", help="Build a FAISS index (or a LanceDB store) from an embeddings folder, shard by "
+                                     "shard.")
     p.add_argument("--embeddings", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--store", choices=["faiss", "lancedb"], default="faiss",
+                   help="faiss: a FAISS index folder; lancedb: a LanceDB table of the passages, their fields and "
+                        "vectors, with vector and full-text indexes (needs --dataset).")
+    p.add_argument("--dataset", help="With --store lancedb: the BEIR folder whose corpus.jsonl gives each passage's "
+                                     "title, text and other fields.")
+    p.add_argument("--index-type", choices=["flat", "ivf_pq", "hnsw"],
+                   help="With --store lancedb: the vector index (default flat: exact search).")
+    p.add_argument("--float16", action="store_true", help="With --store lancedb: store the vectors in float16.")
+    p.add_argument("--partitions", type=int, help="With --store lancedb: IVF lists (default: about sqrt(count)).")
+    p.add_argument("--sub-vectors", type=int, help="With --store lancedb: PQ sub-vectors (default: dim / 16).")
     p.add_argument("--factory", default="Flat", help="FAISS index factory string: Flat (exact), HNSW32, IVF256,PQ16.")
     p.add_argument("--train-size", type=int, default=262_144,
                    help="Rows (a seeded sample) that IVF, PQ and PCA are trained on.")
@@ -395,7 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, nargs="+", help="One or more index folders (shards).")
     p.add_argument("--queries", required=True, help="Embeddings folder of the queries.")
     p.add_argument("--k", type=int, default=100)
-    p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW).")
+    p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW); for a "
+                                    "LanceDB store, nprobes=N.")
+    p.add_argument("--where", help="A LanceDB store only: an SQL filter on the passages' fields, e.g. "
+                                   "\"category = 'sport'\".")
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="Search an index of another model's embeddings (refused otherwise).")
     p.add_argument("--fuse-run", nargs="*", default=[], help="TREC runs to fuse with (see --fusion).")

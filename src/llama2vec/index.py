@@ -254,11 +254,32 @@ def check_queries(folders: list[str | Path], model: str | None, dim: int, what: 
 
 
 def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.ndarray, k: int,
-                  params: str | None = None) -> Run:
-    """Search every index folder (one at a time, memory-mapped) and merge their top-k by score."""
-    parts = ((*load_index(folder, mmap=True), folder) for f in folders for folder in index_parts(f))
-    scores, found, ids = search_parts(parts, queries, k, params)
-    return to_run(query_ids, ids, scores, found)
+                  params: str | None = None, where: str | None = None) -> Run:
+    """Search every index folder (one at a time, memory-mapped) and merge their top-k by score; LanceDB stores
+    (`lance_store`) alike, with `where` filtering their fields and `params` 'nprobes=N'."""
+    from .lance_store import is_store, search_store
+
+    stores = [is_store(f) for f in folders]
+    if any(stores) and not all(stores):
+        raise Llama2VecError("--index: give FAISS index folders or LanceDB stores, not both")
+    if not all(stores):
+        if where:
+            raise Llama2VecError("--where filters the fields of a LanceDB store; a FAISS index folder has none")
+        parts = ((*load_index(folder, mmap=True), folder) for f in folders for folder in index_parts(f))
+        scores, found, ids = search_parts(parts, queries, k, params)
+        return to_run(query_ids, ids, scores, found)
+    nprobes = None
+    if params:
+        name, _, value = params.partition("=")
+        if name != "nprobes" or not value.isdigit():
+            raise Llama2VecError(f"--params {params!r}: a LanceDB store takes nprobes=N")
+        nprobes = int(value)
+    run: Run = {q: {} for q in query_ids}
+    for folder in folders:
+        scores, hits = search_store(folder, queries, k, where, nprobes)
+        for q, row_scores, row_ids in zip(query_ids, scores, hits):
+            run[q].update(zip(row_ids, row_scores.tolist()))
+    return {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:k]) for q, docs in run.items()}
 
 
 def exact_search(queries: np.ndarray, passages: np.ndarray, query_ids: list[str], doc_ids: list[str], k: int) -> Run:

@@ -423,7 +423,11 @@ class Searcher:
     def __init__(self, index: str | Path, dataset: str | Path | None, dim: int, resident: bool = False,
                  params: str | None = None):
         from .index import index_parts, load_index, set_params
+        from .lance_store import is_store
 
+        if is_store(index):
+            raise Llama2VecError(f"{index}: a LanceDB store; serve --index takes a FAISS index folder (search a "
+                                 f"store with `llama2vec search`)")
         self.parts = [load_index(p, mmap=not resident) for p in index_parts(index)]
         for part, _ in self.parts:
             if part.d != dim:

@@ -1,0 +1,238 @@
+"""A LanceDB store: the passages of a corpus with their embeddings in one table, beside the FAISS folders.
+
+`build_store` writes a LanceDB database folder holding the table `passages`: `id`, `vector` (float32, or
+float16), `title`, `text` and every other field of the corpus lines (metadata such as a category, typed
+as the lines have them), streamed batch by batch from the embeddings' shards (memory flat in the corpus
+size), then the vector index (`flat`: none, exact search; `ivf_pq`; `hnsw`: LanceDB's IVF_HNSW_SQ) and
+full-text indexes on `title` and `text`. `meta.json` records the store, the embeddings' fingerprint and
+the dimensions, as a FAISS folder's does, so `search`, `evaluate` and `serve` check queries against it the
+same way. The folder is written aside and moved into place when complete.
+
+`search_store` is the dense search (scores are inner products, as FAISS's), with an optional SQL filter
+(`where`) on the metadata, checked first so that a bad one is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .errors import Llama2VecError
+
+log = logging.getLogger(__name__)
+
+TABLE = "passages"
+STORE = "lancedb"
+INDEX_TYPES = ("flat", "ivf_pq", "hnsw")
+FTS_COLUMNS = ("title", "text")
+RESERVED = ("id", "vector", "title", "text")
+
+
+def lancedb():
+    try:
+        import lancedb as module
+    except ImportError:
+        raise Llama2VecError("the LanceDB store needs the lancedb extra: pip install 'llama2vec[lancedb]'") from None
+    return module
+
+
+def is_store(folder: str | Path) -> bool:
+    """Whether a folder is a LanceDB store written by `build_store`."""
+    from .store import read_json_or_none
+
+    return (read_json_or_none(Path(folder) / "meta.json") or {}).get("store") == STORE
+
+
+def _arrow_type(values: set[type]):
+    import pyarrow as pa
+
+    if values <= {bool}:
+        return pa.bool_()
+    if values <= {int}:
+        return pa.int64()
+    if values <= {int, float}:
+        return pa.float64()
+    return pa.string()
+
+
+def corpus_fields(path: Path) -> dict:
+    """The fields of a corpus's lines beside `_id`, `title` and `text`, each with the Arrow type its values
+    share (string where they differ or are not scalars)."""
+    from .data import objects_at
+
+    seen: dict[str, set[type]] = {}
+    for _, _, obj in objects_at(path):
+        for name, value in obj.items():
+            if name in ("_id", "title", "text") or value is None:
+                continue
+            if name in RESERVED:
+                raise Llama2VecError(f"{path}: the field {name!r} is the store's own: rename it")
+            seen.setdefault(name, set()).add(type(value) if isinstance(value, bool | int | float | str) else dict)
+    return {name: _arrow_type(types) for name, types in sorted(seen.items())}
+
+
+def _value(value, kind):
+    import pyarrow as pa
+
+    if value is None:
+        return None
+    if kind == pa.string() and not isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def build_store(embeddings: str | Path, dataset: str | Path, output: str | Path, index_type: str = "flat",
+                float16: bool = False, train_size: int = 262_144, partitions: int | None = None,
+                sub_vectors: int | None = None, batch: int = 65_536) -> Path:
+    """Write the LanceDB store of an embeddings folder and its BEIR corpus (see the module's description)."""
+    import pyarrow as pa
+
+    from .embeddings import Embeddings
+    from .formats import corpus_offsets
+    from .store import atomic_folder, read_json, write_json
+
+    db_module = lancedb()
+    if index_type not in INDEX_TYPES:
+        raise Llama2VecError(f"unknown --index-type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    emb = Embeddings(embeddings)
+    if emb.count == 0:
+        raise Llama2VecError(f"{embeddings}: nothing to index (no embeddings)")
+    ids = (Path(embeddings) / "ids.txt").read_text(encoding="utf-8").splitlines()
+    path, offsets = corpus_offsets(dataset, ids)
+    extra = corpus_fields(path)
+    if (offsets < 0).any():
+        missing = [ids[i] for i in np.flatnonzero(offsets < 0)[:5]]
+        raise Llama2VecError(f"{path}: {int((offsets < 0).sum())} passages of {embeddings} are not in the corpus "
+                             f"({', '.join(missing)}): index the embeddings of this corpus")
+    vector = pa.list_(pa.float16() if float16 else pa.float32(), emb.dim)
+    schema = pa.schema([("id", pa.string()), ("vector", vector), ("title", pa.string()), ("text", pa.string()),
+                        *extra.items()])
+
+    def batches():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=emb.count, desc=f"storing {Path(output).name}", unit="passage")
+        start = 0
+        with path.open("rb") as fh:
+            for s in range(len(emb.names)):
+                shard = emb.shard(s)
+                for at in range(0, len(shard), batch):
+                    rows = np.asarray(shard[at: at + batch], dtype=np.float16 if float16 else np.float32)
+                    docs = []
+                    for offset in offsets[start: start + len(rows)]:
+                        fh.seek(int(offset))
+                        docs.append(json.loads(fh.readline()))
+                    columns = [pa.array(ids[start: start + len(rows)]),
+                               pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), emb.dim),
+                               pa.array([d.get("title") or "" for d in docs]), pa.array([d["text"] for d in docs])]
+                    columns += [pa.array([_value(d.get(name), kind) for d in docs], kind)
+                                for name, kind in extra.items()]
+                    yield pa.RecordBatch.from_arrays(columns, schema=schema)
+                    start += len(rows)
+                    bar.update(len(rows))
+        bar.close()
+
+    with atomic_folder(output) as tmp:
+        table = db_module.connect(tmp).create_table(TABLE, data=pa.RecordBatchReader.from_batches(schema, batches()))
+        config = vector_index(index_type, emb.count, emb.dim, train_size, partitions, sub_vectors)
+        if config is not None:
+            table.create_index("vector", config=config)
+        from lancedb.index import FTS
+
+        for column in FTS_COLUMNS:
+            table.create_index(column, config=FTS())
+        source = read_json(Path(embeddings) / "meta.json").get("fingerprint")
+        write_json(tmp / "meta.json", {"store": STORE, "table": TABLE, "count": emb.count, "dim": emb.dim,
+                                       "index_type": index_type, "vector_dtype": "float16" if float16 else "float32",
+                                       "fields": list(extra), "embeddings": source})
+    return Path(output)
+
+
+def vector_index(index_type: str, count: int, dim: int, train_size: int, partitions: int | None,
+                 sub_vectors: int | None):
+    """LanceDB's vector index config for `index_type` (None for flat): `partitions` IVF lists (default about
+    the square root of the count), PQ of `sub_vectors` (default dim / 16), trained on about `train_size` rows."""
+    if index_type == "flat":
+        return None
+    from lancedb.index import HnswSq, IvfPq
+
+    partitions = partitions or max(1, int(round(count ** 0.5)))
+    if not 1 <= partitions <= count:
+        raise Llama2VecError(f"--partitions must be in 1..{count} (the passages), got {partitions}")
+    sample_rate = max(1, -(-min(train_size, count) // partitions))  # LanceDB trains on partitions x this rows
+    if index_type == "hnsw":
+        return HnswSq(distance_type="dot", num_partitions=partitions, sample_rate=sample_rate)
+    sub_vectors = sub_vectors or max(1, dim // 16)
+    if dim % sub_vectors:
+        raise Llama2VecError(f"--sub-vectors must divide the dimensions ({dim}), got {sub_vectors}")
+    return IvfPq(distance_type="dot", num_partitions=partitions, num_sub_vectors=sub_vectors, sample_rate=sample_rate)
+
+
+def open_table(folder: str | Path):
+    from .store import read_json
+
+    meta = read_json(Path(folder) / "meta.json")
+    return lancedb().connect(Path(folder)).open_table(meta.get("table", TABLE)), meta
+
+
+def _outside_quotes(text: str) -> str:
+    """`text` with its quoted parts ('strings', "identifiers") left out."""
+    out, quote = [], None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote  # a doubled quote closes and reopens: the same outside text
+        elif ch in "'\"":
+            quote = ch
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def check_where(table, where: str, folder: str | Path) -> None:
+    """A SQL filter on the table's fields, or an error naming it and what is wrong (a missing field, bad syntax,
+    anything but one boolean expression: SQL's parser would read the first of several statements and drop the
+    rest unseen, so a `;` outside quotes is refused here)."""
+    fields = ", ".join(f.name for f in table.schema if f.name != "vector")
+
+    def bad(reason: str) -> Llama2VecError:
+        return Llama2VecError(f"{folder}: the filter {where!r} cannot be applied: {reason} (the fields: {fields})")
+
+    if ";" in _outside_quotes(where):
+        raise bad("one boolean expression is expected, not statements")
+    try:
+        table.search().where(where).limit(1).select(["id"]).to_arrow()
+    except Exception as e:  # LanceDB reports a bad filter as ValueError or RuntimeError, with DataFusion's words
+        raise bad(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+
+
+def search_store(folder: str | Path, queries: np.ndarray, k: int, where: str | None = None,
+                 nprobes: int | None = None, batch: int = 256) -> tuple[np.ndarray, list[list[str]]]:
+    """(scores (Q, k) as inner products, -inf where fewer hits, the hits' ids) of a store, best first."""
+    if k < 1:
+        raise Llama2VecError(f"k must be at least 1, got {k}")
+    table, meta = open_table(folder)
+    if where:
+        check_where(table, where, folder)
+    dtype = np.float16 if meta.get("vector_dtype") == "float16" else np.float32
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    hits: list[list[str]] = [[] for _ in range(len(queries))]
+    for start in range(0, len(queries), batch):
+        block = np.asarray(queries[start: start + batch], dtype=dtype)
+        query = table.search(list(block) if len(block) > 1 else block[0], vector_column_name="vector")
+        query = query.distance_type("dot").limit(k).select(["id", "_distance"])
+        if where:
+            query = query.where(where, prefilter=True)
+        if nprobes:
+            query = query.nprobes(nprobes)
+        result = query.to_arrow()
+        rows = result["query_index"].to_numpy() if "query_index" in result.column_names else np.zeros(
+            result.num_rows, dtype=np.int64)
+        distances = result["_distance"].to_numpy()
+        for q, doc, distance in zip(rows, result["id"].to_pylist(), distances):
+            i = start + int(q)
+            scores[i, len(hits[i])] = 1.0 - float(distance)  # LanceDB's dot distance is 1 - the inner product
+            hits[i].append(doc)
+    return scores, hits
