@@ -154,3 +154,76 @@ def test_serve_names_a_store_it_does_not_search(corpus, tmp_path):
     store = build_store(corpus["emb"], corpus["data"], tmp_path / "store")
     with pytest.raises(Llama2VecError, match="a LanceDB store; serve --index takes a FAISS index folder"):
         Searcher(store, None, 32)
+
+
+@pytest.fixture(scope="module")
+def bbc_store(tmp_path_factory):
+    """The BBC task's folder and a store of its corpus (random unit vectors: the full-text index is what these
+    tests look at), with the test queries' vectors."""
+    root = tmp_path_factory.mktemp("bbc-store")
+    assert main(["data", "bbc", "--output", str(root / "bbc"), "--negatives", "1"]) == 0
+    from llama2vec.formats import beir_queries, read_corpus
+
+    ids = list(read_corpus(root / "bbc" / "corpus.jsonl"))
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((len(ids), 16)).astype(np.float32)
+    save_embeddings(root / "emb", ids, vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    queries = beir_queries(root / "bbc", "test")
+    qv = rng.standard_normal((len(queries), 16)).astype(np.float32)
+    save_embeddings(root / "q", list(queries), qv / np.linalg.norm(qv, axis=1, keepdims=True))
+    store = build_store(root / "emb", root / "bbc", root / "store")
+    return {"root": root, "bbc": root / "bbc", "store": store, "queries": queries}
+
+
+def test_full_text_search_in_the_store_finds_the_headlines_articles_as_bm25s_does(bbc_store, capsys):
+    from llama2vec.bm25 import BM25
+    from llama2vec.formats import read_corpus, read_qrels
+    from llama2vec.lance_store import text_search
+    from llama2vec.metrics import evaluate_run
+
+    queries, store = bbc_store["queries"], bbc_store["store"]
+    qrels = read_qrels(bbc_store["bbc"] / "qrels" / "test.tsv")
+    lance = text_search(store, list(queries), list(queries.values()), 10)
+    corpus = read_corpus(bbc_store["bbc"] / "corpus.jsonl")
+    bm25 = BM25(list(corpus), [d["text"] for d in corpus.values()]).search(list(queries), list(queries.values()), 10)
+
+    def found(run) -> float:
+        return float(np.mean([q in run[q] for q in queries]))  # a headline's article is its query's id
+
+    with capsys.disabled():
+        print(f"\nBBC test, full-text nDCG@10: LanceDB {evaluate_run(qrels, lance)['ndcg@10']:.4f}, bm25s "
+              f"{evaluate_run(qrels, bm25)['ndcg@10']:.4f}; found in the top 10: LanceDB {found(lance):.3f}, "
+              f"bm25s {found(bm25):.3f}")
+    assert found(lance) >= 0.9 and found(bm25) >= 0.9
+    sports = text_search(store, list(queries), list(queries.values()), 10, where="category = 'sports'")
+    assert all(d.startswith("sports-") for docs in sports.values() for d in docs)
+    assert any(sports.values())
+
+
+def test_hybrid_through_the_store_is_our_fusion_of_its_two_runs(bbc_store, tmp_path):
+    from llama2vec.embeddings import load_embeddings
+    from llama2vec.evaluate import fuse_runs
+    from llama2vec.lance_store import text_search
+
+    root, store, queries = bbc_store["root"], bbc_store["store"], bbc_store["queries"]
+    common = ["search", "--index", str(store), "--dataset", str(bbc_store["bbc"]), "--k", "20"]
+    for fusion in ("rrf", "wsum:minmax:0.3,0.7"):
+        out = tmp_path / f"{fusion}.trec"
+        assert main([*common, "--mode", "hybrid", "--queries", str(root / "q"), "--fusion", fusion,
+                     "--output", str(out)]) == 0
+        qids, qv = load_embeddings(root / "q")
+        dense = search_shards([store], qids, qv, 20)
+        lexical = text_search(store, qids, [queries[q] for q in qids], 20)
+        want = fuse_runs([dense, lexical], fusion, 20)
+        got = read_run(out)
+        assert set(got) == set(want)
+        for q in want:
+            assert list(got[q]) == list(want[q])[: len(got[q])] and len(got[q]) == min(20, len(want[q]))
+    assert main([*common, "--mode", "fts", "--output", str(tmp_path / "fts.trec")]) == 0
+    fts = read_run(tmp_path / "fts.trec")
+    want = text_search(store, list(queries), list(queries.values()), 20)
+    assert set(fts) == set(want)
+    for q in want:
+        assert set(fts[q]) == set(want[q]) and max(abs(fts[q][d] - want[q][d]) for d in want[q]) <= 1e-4
+    assert main([*common, "--mode", "fts", "--queries", str(root / "q"), "--index", str(root / "emb"),
+                 "--output", str(tmp_path / "x.trec")]) == 2

@@ -212,6 +212,45 @@ def _index(args: argparse.Namespace) -> None:
     print(f"indexed {args.embeddings} ({args.factory}{f' after PCA to {args.pca}' if args.pca else ''}) into {out}")
 
 
+def _store_search(args: argparse.Namespace):
+    """`search --mode fts` or `hybrid` over one LanceDB store: the query texts of --dataset (--split), and for
+    hybrid the dense run of --queries fused with the full-text run by --fusion."""
+    from pathlib import Path
+
+    from .embeddings import load_embeddings
+    from .evaluate import fuse_runs
+    from .formats import beir_queries, read_qrels, read_run
+    from .fusion import AUTO
+    from .index import check_queries, search_shards
+    from .lance_store import is_store, text_search
+    from .store import read_json_or_none
+
+    if len(args.index) != 1 or not is_store(args.index[0]):
+        raise Llama2VecError(f"--mode {args.mode} searches one LanceDB store (index --store lancedb)")
+    if not args.dataset:
+        raise Llama2VecError(f"--mode {args.mode} needs --dataset: the BEIR folder of the query texts")
+    texts = beir_queries(args.dataset, args.split)
+    if args.mode == "fts":
+        if args.fuse_run:
+            raise Llama2VecError("--fuse-run goes with --mode dense or hybrid")
+        return text_search(args.index[0], list(texts), list(texts.values()), args.k, args.where)
+    if not args.queries:
+        raise Llama2VecError("--mode hybrid needs --queries: the embeddings folder of the queries")
+    qids, queries = load_embeddings(args.queries)
+    missing = [q for q in qids if q not in texts]
+    if missing:
+        raise Llama2VecError(f"{args.queries}: queries not in {args.dataset} ({args.split}): {', '.join(missing[:5])}")
+    made_by = (read_json_or_none(Path(args.queries) / "meta.json") or {}).get("fingerprint") or {}
+    check_queries(args.index, made_by.get("model"), queries.shape[1], f"the queries of {args.queries}",
+                  args.allow_model_mismatch)
+    dense = search_shards(args.index, qids, queries, args.k, args.params, args.where)
+    lexical = text_search(args.index[0], qids, [texts[q] for q in qids], args.k, args.where)
+    dev_runs = [read_run(r) for r in args.dev_runs] if args.fusion == AUTO else None
+    dev_qrels = read_qrels(Path(args.dev_qrels)) if args.fusion == AUTO else None
+    runs = [dense, lexical, *(read_run(r) for r in args.fuse_run)]
+    return fuse_runs(runs, args.fusion, args.k, dev_runs, dev_qrels, ["dense", "full-text", *args.fuse_run])
+
+
 def _search(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -222,28 +261,34 @@ def _search(args: argparse.Namespace) -> None:
     from .index import check_queries, search_shards
     from .store import read_json_or_none
 
-    if args.fusion != DEFAULT and not args.fuse_run:
-        raise Llama2VecError(f"--fusion {args.fusion!r} needs --fuse-run (the runs to fuse with)")
+    systems = (2 if args.mode == "hybrid" else 1) + len(args.fuse_run)  # the runs --fusion fuses
+    if args.fusion != DEFAULT and systems == 1:
+        raise Llama2VecError(f"--fusion {args.fusion!r} needs --fuse-run (the runs to fuse with) or --mode hybrid")
     if (args.dev_runs or args.dev_qrels) and args.fusion != AUTO:
         raise Llama2VecError("--dev-runs and --dev-qrels go with --fusion auto")
-    if args.fusion == AUTO and (len(args.dev_runs) != 1 + len(args.fuse_run) or not args.dev_qrels):
-        raise Llama2VecError(f"--fusion auto needs --dev-qrels and --dev-runs: {1 + len(args.fuse_run)} runs on the "
-                             f"dev queries, of this index then of each --fuse-run system in order "
-                             f"({len(args.dev_runs)} given)")
+    if args.fusion == AUTO and (len(args.dev_runs) != systems or not args.dev_qrels):
+        order = "the dense then the full-text run of the store" if args.mode == "hybrid" else "this index's run"
+        raise Llama2VecError(f"--fusion auto needs --dev-qrels and --dev-runs: {systems} runs on the dev queries, "
+                             f"{order}, then one of each --fuse-run system in order ({len(args.dev_runs)} given)")
     if args.fusion not in (DEFAULT, AUTO):
-        parse_fusion(args.fusion, 1 + len(args.fuse_run))
-    qids, queries = load_embeddings(args.queries)
-    made_by = (read_json_or_none(Path(args.queries) / "meta.json") or {}).get("fingerprint") or {}
-    check_queries(args.index, made_by.get("model"), queries.shape[1], f"the queries of {args.queries}",
-                  args.allow_model_mismatch)
-    run = search_shards(args.index, qids, queries, args.k, args.params, args.where)
-    if args.fuse_run:
+        parse_fusion(args.fusion, systems)
+    if args.mode != "dense":
+        run = _store_search(args)
+    else:
+        if not args.queries:
+            raise Llama2VecError("--queries: the embeddings folder of the queries (--mode dense)")
+        qids, queries = load_embeddings(args.queries)
+        made_by = (read_json_or_none(Path(args.queries) / "meta.json") or {}).get("fingerprint") or {}
+        check_queries(args.index, made_by.get("model"), queries.shape[1], f"the queries of {args.queries}",
+                      args.allow_model_mismatch)
+        run = search_shards(args.index, qids, queries, args.k, args.params, args.where)
+    if args.fuse_run and args.mode == "dense":
         dev_runs = [read_run(r) for r in args.dev_runs] if args.fusion == AUTO else None
         dev_qrels = read_qrels(Path(args.dev_qrels)) if args.fusion == AUTO else None
         run = fuse_runs([run, *(read_run(r) for r in args.fuse_run)], args.fusion, args.k, dev_runs, dev_qrels,
                         ["index", *args.fuse_run])
     write_run(args.output, run)
-    print(f"wrote the top {args.k} of {len(qids)} queries to {args.output}")
+    print(f"wrote the top {args.k} of {len(run)} queries to {args.output}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -418,7 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="Search index folders (merged by top-k) and write a TREC run.")
     p.add_argument("--index", required=True, nargs="+", help="One or more index folders (shards).")
-    p.add_argument("--queries", required=True, help="Embeddings folder of the queries.")
+    p.add_argument("--queries", help="Embeddings folder of the queries (--mode dense and hybrid).")
+    p.add_argument("--mode", choices=["dense", "fts", "hybrid"], default="dense",
+                   help="A LanceDB store can also be searched by its full-text index (fts: the query texts of "
+                        "--dataset) or both, fused by --fusion (hybrid).")
+    p.add_argument("--dataset", help="With --mode fts or hybrid: the BEIR folder of the query texts.")
+    p.add_argument("--split", default="test", help="With --dataset: the queries of this split (all without qrels).")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW); for a "
                                     "LanceDB store, nprobes=N.")
@@ -427,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-model-mismatch", action="store_true",
                    help="Search an index of another model's embeddings (refused otherwise).")
     p.add_argument("--fuse-run", nargs="*", default=[], help="TREC runs to fuse with (see --fusion).")
-    p.add_argument("--fusion", default="rrf", help=FUSION_HELP.format(order="this index's run, then --fuse-run's",
-                                                                      auto="--dev-runs and --dev-qrels"))
+    order = "this index's run (--mode hybrid: the store's dense, then full-text run), then --fuse-run's"
+    p.add_argument("--fusion", default="rrf", help=FUSION_HELP.format(order=order, auto="--dev-runs and --dev-qrels"))
     p.add_argument("--dev-runs", nargs="+", default=[],
                    help="With --fusion auto: TREC runs of the same systems on dev queries, this index's first, then "
                         "one per --fuse-run in order.")

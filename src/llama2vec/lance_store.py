@@ -8,8 +8,10 @@ full-text indexes on `title` and `text`. `meta.json` records the store, the embe
 the dimensions, as a FAISS folder's does, so `search`, `evaluate` and `serve` check queries against it the
 same way. The folder is written aside and moved into place when complete.
 
-`search_store` is the dense search (scores are inner products, as FAISS's), with an optional SQL filter
-(`where`) on the metadata, checked first so that a bad one is an error naming it.
+`search_store` is the dense search (scores are inner products, as FAISS's) and `text_search` the full-text
+one (LanceDB's BM25 over title and text), each with an optional SQL filter (`where`) on the metadata,
+checked first so that a bad one is an error naming it. `llama2vec search --mode hybrid` fuses the two runs
+with llama2vec's own fusion (`evaluate.fuse_runs`: RRF, a spec, or one chosen on dev runs).
 """
 
 from __future__ import annotations
@@ -236,3 +238,21 @@ def search_store(folder: str | Path, queries: np.ndarray, k: int, where: str | N
             scores[i, len(hits[i])] = 1.0 - float(distance)  # LanceDB's dot distance is 1 - the inner product
             hits[i].append(doc)
     return scores, hits
+
+
+def text_search(folder: str | Path, query_ids: list[str], texts: list[str], k: int,
+                where: str | None = None) -> dict[str, dict[str, float]]:
+    """The full-text run of queries over the title and text indexes (LanceDB's BM25 scores), best first."""
+    if k < 1:
+        raise Llama2VecError(f"k must be at least 1, got {k}")
+    table, _ = open_table(folder)
+    if where:
+        check_where(table, where, folder)
+    run = {}
+    for qid, text in zip(query_ids, texts):
+        query = table.search(text, query_type="fts", fts_columns=list(FTS_COLUMNS)).limit(k).select(["id", "_score"])
+        if where:
+            query = query.where(where, prefilter=True)
+        result = query.to_arrow()
+        run[qid] = dict(zip(result["id"].to_pylist(), (float(x) for x in result["_score"].to_numpy())))
+    return run
