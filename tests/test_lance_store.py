@@ -72,7 +72,7 @@ def test_exact_search_through_the_store_equals_faiss_flat(corpus, tmp_path):
 
     table, meta = open_table(store)
     rows = {r["id"]: r for r in table.to_arrow().select(["id", "title", "text", "category", "year"]).to_pylist()}
-    assert len(rows) == 3000 and meta["fields"] == ["category", "year"]
+    assert len(rows) == 3000 and meta["fields"] == {"category": "string", "year": "int64"}
     for doc in corpus["docs"][:50]:
         assert rows[doc["_id"]] == {"id": doc["_id"], "title": doc["title"], "text": doc["text"],
                                     "category": doc["category"], "year": doc["year"]}
@@ -227,3 +227,74 @@ def test_hybrid_through_the_store_is_our_fusion_of_its_two_runs(bbc_store, tmp_p
         assert set(fts[q]) == set(want[q]) and max(abs(fts[q][d] - want[q][d]) for d in want[q]) <= 1e-4
     assert main([*common, "--mode", "fts", "--queries", str(root / "q"), "--index", str(root / "emb"),
                  "--output", str(tmp_path / "x.trec")]) == 2
+
+
+KILLED_ADD = """
+import os, signal, sys
+from llama2vec import lance_store
+
+batches = lance_store.Passages._batches
+def dies(self, desc, batch):
+    for n, rows in enumerate(batches(self, desc, batch)):
+        if n == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # half-way through the upsert's stream
+        yield rows
+lance_store.Passages._batches = dies
+lance_store.update_store(sys.argv[1], sys.argv[2], sys.argv[3], batch=100)
+"""
+
+
+def test_add_replace_delete_are_seen_by_search_and_a_killed_add_leaves_the_last_version(corpus, tmp_path):
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    first = 2000
+    base = tmp_path / "base"
+    save_embeddings(base, [f"d{i}" for i in range(first)], corpus["vectors"][:first])
+    assert main(["index", "--embeddings", str(base), "--dataset", str(corpus["data"]), "--store", "lancedb",
+                 "--output", str(store)]) == 0
+    # 1,000 new passages and 200 changed ones (d0..d199 move to the vectors of d2000..d2199 and a new text).
+    new_ids = [f"d{i}" for i in range(first, 3000)] + [f"d{i}" for i in range(200)]
+    new_vectors = np.concatenate([corpus["vectors"][first:], corpus["vectors"][first: first + 200]])
+    changed = tmp_path / "changed"
+    docs = [d for d in corpus["docs"][first:]] + [{**d, "text": "changed " + d["text"], "category": "science"}
+                                                  for d in corpus["docs"][:200]]
+    write_jsonl_rows(changed / "corpus.jsonl", docs)
+    add = tmp_path / "add"
+    save_embeddings(add, new_ids, new_vectors)
+
+    killed = subprocess.run([sys.executable, "-c", KILLED_ADD, str(store), str(add), str(changed)])
+    assert killed.returncode == -9
+    scores, hits = search_store(store, corpus["vectors"][first: first + 5], 1)
+    from llama2vec.lance_store import open_table
+
+    table, _ = open_table(store)
+    assert table.count_rows() == first  # the last committed version: the add never happened
+    assert main(["index", "--store", "lancedb", "--output", str(store), "--add", str(add), "--dataset",
+                 str(changed)]) == 0
+    table, meta = open_table(store)
+    assert table.count_rows() == 3000 and meta["count"] == 3000
+    _, hits = search_store(store, corpus["vectors"][first: first + 5], 2)
+    for i, h in enumerate(hits):  # a new passage, and the changed one that now shares its vector
+        assert set(h) == {f"d{first + i}", f"d{i}"}
+    sports = search_store(store, corpus["queries"][:5], 10, where="category = 'science'")[1]
+    assert all(int(d[1:]) < 200 for h in sports for d in h) and all(len(h) == 10 for h in sports)
+    ids = tmp_path / "delete.txt"
+    ids.write_text("".join(f"d{i}\n" for i in range(100)) + "d'; DROP TABLE passages; --\n")
+    assert main(["index", "--store", "lancedb", "--output", str(store), "--delete-ids", str(ids)]) == 0
+    table, meta = open_table(store)
+    assert table.count_rows() == 2900 and meta["count"] == 2900
+    _, hits = search_store(store, corpus["vectors"][:100], 3)
+    assert not {f"d{i}" for i in range(100)} & {d for h in hits for d in h}
+    # Lines whose fields the store lacks, or of another type: an error naming them; the store unchanged.
+    odd = tmp_path / "odd"
+    write_jsonl_rows(odd / "corpus.jsonl", [{**d, "colour": "red"} for d in docs])
+    with pytest.raises(Llama2VecError, match="fields the store does not have: colour"):
+        from llama2vec.lance_store import update_store
+
+        update_store(store, add, odd)
+    write_jsonl_rows(odd / "corpus.jsonl", [{**d, "year": str(d["year"])} for d in docs])
+    with pytest.raises(Llama2VecError, match="the field 'year' holds string values; the store's are int64"):
+        update_store(store, add, odd)
+    assert open_table(store)[0].count_rows() == 2900

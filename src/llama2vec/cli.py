@@ -194,6 +194,19 @@ def _index(args: argparse.Namespace) -> None:
 
     lance_only = {"--dataset": args.dataset, "--index-type": args.index_type, "--float16": args.float16,
                   "--partitions": args.partitions, "--sub-vectors": args.sub_vectors}
+    if args.add or args.delete_ids:
+        from .lance_store import is_store, update_store
+
+        if args.store != "lancedb" or not is_store(args.output):
+            raise Llama2VecError(f"--add and --delete-ids update a LanceDB store (--store lancedb --output STORE); "
+                                 f"{args.output} is not one")
+        if args.embeddings:
+            raise Llama2VecError("--embeddings builds a store; to update one, give --add (and --dataset)")
+        done = update_store(args.output, args.add, args.dataset, args.delete_ids)
+        print(f"updated {args.output}: {done['added']} added, {done['replaced']} replaced, {done['deleted']} deleted")
+        return
+    if not args.embeddings:
+        raise Llama2VecError("--embeddings: the embeddings folder to index")
     if args.store == "lancedb":
         from .lance_store import build_store
 
@@ -439,8 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="Build a FAISS index (or a LanceDB store) from an embeddings folder, shard by "
                                      "shard.")
-    p.add_argument("--embeddings", required=True)
+    p.add_argument("--embeddings", help="The embeddings folder to index.")
     p.add_argument("--output", required=True)
+    p.add_argument("--add", help="With --store lancedb: upsert the passages of this embeddings folder (their lines "
+                                 "in --dataset) into the store --output: a passage whose id is there replaces it.")
+    p.add_argument("--delete-ids", help="With --store lancedb: delete the passages whose ids this file lists (one a "
+                                        "line) from the store --output.")
     p.add_argument("--store", choices=["faiss", "lancedb"], default="faiss",
                    help="faiss: a FAISS index folder; lancedb: a LanceDB table of the passages, their fields and "
                         "vectors, with vector and full-text indexes (needs --dataset).")

@@ -86,71 +86,146 @@ def _value(value, kind):
     return value
 
 
-def build_store(embeddings: str | Path, dataset: str | Path, output: str | Path, index_type: str = "flat",
-                float16: bool = False, train_size: int = 262_144, partitions: int | None = None,
-                sub_vectors: int | None = None, batch: int = 65_536) -> Path:
-    """Write the LanceDB store of an embeddings folder and its BEIR corpus (see the module's description)."""
-    import pyarrow as pa
+class Passages:
+    """An embeddings folder joined with the corpus lines of its passages, streamed as Arrow record batches in the
+    store's schema (`fields`: the extra fields and their types; those of the corpus when None)."""
 
-    from .embeddings import Embeddings
-    from .formats import corpus_offsets
-    from .store import atomic_folder, read_json, write_json
+    def __init__(self, embeddings: str | Path, dataset: str | Path, float16: bool, fields: dict | None = None):
+        import pyarrow as pa
 
-    db_module = lancedb()
-    if index_type not in INDEX_TYPES:
-        raise Llama2VecError(f"unknown --index-type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
-    emb = Embeddings(embeddings)
-    if emb.count == 0:
-        raise Llama2VecError(f"{embeddings}: nothing to index (no embeddings)")
-    ids = (Path(embeddings) / "ids.txt").read_text(encoding="utf-8").splitlines()
-    path, offsets = corpus_offsets(dataset, ids)
-    extra = corpus_fields(path)
-    if (offsets < 0).any():
-        missing = [ids[i] for i in np.flatnonzero(offsets < 0)[:5]]
-        raise Llama2VecError(f"{path}: {int((offsets < 0).sum())} passages of {embeddings} are not in the corpus "
-                             f"({', '.join(missing)}): index the embeddings of this corpus")
-    vector = pa.list_(pa.float16() if float16 else pa.float32(), emb.dim)
-    schema = pa.schema([("id", pa.string()), ("vector", vector), ("title", pa.string()), ("text", pa.string()),
-                        *extra.items()])
+        from .embeddings import Embeddings
+        from .formats import corpus_offsets
 
-    def batches():
+        self.emb, self.float16 = Embeddings(embeddings), float16
+        if self.emb.count == 0:
+            raise Llama2VecError(f"{embeddings}: nothing to index (no embeddings)")
+        self.ids = (Path(embeddings) / "ids.txt").read_text(encoding="utf-8").splitlines()
+        self.path, self.offsets = corpus_offsets(dataset, self.ids)
+        found = corpus_fields(self.path)
+        if fields is not None:
+            new = sorted(set(found) - set(fields))
+            if new:
+                raise Llama2VecError(f"{self.path}: fields the store does not have: {', '.join(new)} (it has "
+                                     f"{', '.join(fields) or 'none'}): build the store again to add fields")
+            for name, kind in found.items():
+                if kind != fields[name] and fields[name] != pa.string() and not (
+                        kind == pa.int64() and fields[name] == pa.float64()):
+                    raise Llama2VecError(f"{self.path}: the field {name!r} holds {kind} values; the store's are "
+                                         f"{fields[name]}")
+        self.fields = found if fields is None else fields
+        if (self.offsets < 0).any():
+            missing = [self.ids[i] for i in np.flatnonzero(self.offsets < 0)[:5]]
+            raise Llama2VecError(f"{self.path}: {int((self.offsets < 0).sum())} passages of {embeddings} are not in "
+                                 f"the corpus ({', '.join(missing)}): index the embeddings of this corpus")
+        vector = pa.list_(pa.float16() if float16 else pa.float32(), self.emb.dim)
+        self.schema = pa.schema([("id", pa.string()), ("vector", vector), ("title", pa.string()),
+                                 ("text", pa.string()), *self.fields.items()])
+        self.fingerprint = (json.loads((Path(embeddings) / "meta.json").read_text()) or {}).get("fingerprint")
+
+    def reader(self, desc: str, batch: int = 65_536):
+        import pyarrow as pa
+
+        return pa.RecordBatchReader.from_batches(self.schema, self._batches(desc, batch))
+
+    def _batches(self, desc: str, batch: int):
+        import pyarrow as pa
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=emb.count, desc=f"storing {Path(output).name}", unit="passage")
+        emb, dim = self.emb, self.emb.dim
+        bar = tqdm(total=emb.count, desc=desc, unit="passage")
         start = 0
-        with path.open("rb") as fh:
+        with self.path.open("rb") as fh:
             for s in range(len(emb.names)):
                 shard = emb.shard(s)
                 for at in range(0, len(shard), batch):
-                    rows = np.asarray(shard[at: at + batch], dtype=np.float16 if float16 else np.float32)
+                    rows = np.asarray(shard[at: at + batch], dtype=np.float16 if self.float16 else np.float32)
                     docs = []
-                    for offset in offsets[start: start + len(rows)]:
+                    for offset in self.offsets[start: start + len(rows)]:
                         fh.seek(int(offset))
                         docs.append(json.loads(fh.readline()))
-                    columns = [pa.array(ids[start: start + len(rows)]),
-                               pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), emb.dim),
+                    columns = [pa.array(self.ids[start: start + len(rows)]),
+                               pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel()), dim),
                                pa.array([d.get("title") or "" for d in docs]), pa.array([d["text"] for d in docs])]
                     columns += [pa.array([_value(d.get(name), kind) for d in docs], kind)
-                                for name, kind in extra.items()]
-                    yield pa.RecordBatch.from_arrays(columns, schema=schema)
+                                for name, kind in self.fields.items()]
+                    yield pa.RecordBatch.from_arrays(columns, schema=self.schema)
                     start += len(rows)
                     bar.update(len(rows))
         bar.close()
 
+
+def build_store(embeddings: str | Path, dataset: str | Path, output: str | Path, index_type: str = "flat",
+                float16: bool = False, train_size: int = 262_144, partitions: int | None = None,
+                sub_vectors: int | None = None, batch: int = 65_536) -> Path:
+    """Write the LanceDB store of an embeddings folder and its BEIR corpus (see the module's description)."""
+    from .store import atomic_folder, write_json
+
+    db_module = lancedb()
+    if index_type not in INDEX_TYPES:
+        raise Llama2VecError(f"unknown --index-type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    passages = Passages(embeddings, dataset, float16)
+    count, dim = passages.emb.count, passages.emb.dim
     with atomic_folder(output) as tmp:
-        table = db_module.connect(tmp).create_table(TABLE, data=pa.RecordBatchReader.from_batches(schema, batches()))
-        config = vector_index(index_type, emb.count, emb.dim, train_size, partitions, sub_vectors)
+        table = db_module.connect(tmp).create_table(TABLE, data=passages.reader(f"storing {Path(output).name}",
+                                                                                 batch))
+        config = vector_index(index_type, count, dim, train_size, partitions, sub_vectors)
         if config is not None:
             table.create_index("vector", config=config)
         from lancedb.index import FTS
 
         for column in FTS_COLUMNS:
             table.create_index(column, config=FTS())
-        source = read_json(Path(embeddings) / "meta.json").get("fingerprint")
-        write_json(tmp / "meta.json", {"store": STORE, "table": TABLE, "count": emb.count, "dim": emb.dim,
+        write_json(tmp / "meta.json", {"store": STORE, "table": TABLE, "count": count, "dim": dim,
                                        "index_type": index_type, "vector_dtype": "float16" if float16 else "float32",
-                                       "fields": list(extra), "embeddings": source})
+                                       "fields": {k: str(v) for k, v in passages.fields.items()},
+                                       "embeddings": passages.fingerprint})
     return Path(output)
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def update_store(folder: str | Path, add: str | Path | None = None, dataset: str | Path | None = None,
+                 delete_ids: str | Path | None = None, batch: int = 65_536) -> dict:
+    """Upsert the passages of the embeddings folder `add` (their lines in `dataset`): a passage whose id is in
+    the store replaces its row, the others are added; then delete the ids listed in `delete_ids` (one a line);
+    then bring the indexes up to date (LanceDB's `optimize`). Each step is one LanceDB commit: a process killed
+    during one leaves the table at its last committed version. Returns the rows added, replaced and deleted."""
+    import pyarrow as pa
+
+    from .store import write_json
+
+    table, meta = open_table(folder)
+    folder = Path(folder)
+    done = {"added": 0, "replaced": 0, "deleted": 0}
+    if add is not None:
+        if dataset is None:
+            raise Llama2VecError("--add needs --dataset: the BEIR folder of the added passages' lines")
+        fields = {name: pa.type_for_alias(kind) for name, kind in meta.get("fields", {}).items()}
+        passages = Passages(add, dataset, meta.get("vector_dtype") == "float16", fields)
+        if passages.emb.dim != meta["dim"]:
+            raise Llama2VecError(f"{add}: {passages.emb.dim}-dimension embeddings; the store {folder} holds "
+                                 f"{meta['dim']}-dimension ones")
+        ours, theirs = (meta.get("embeddings") or {}).get("model"), (passages.fingerprint or {}).get("model")
+        if ours and theirs and ours != theirs:
+            raise Llama2VecError(f"{add}: embeddings of the model {theirs}; the store {folder} holds those of {ours}: "
+                                 f"scores across two models mean nothing")
+        result = (table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all()
+                  .execute(passages.reader(f"adding to {folder.name}", batch)))
+        done["added"] = int(getattr(result, "num_inserted_rows", 0))
+        done["replaced"] = int(getattr(result, "num_updated_rows", 0))
+    if delete_ids is not None:
+        from .store import read_text_file
+
+        ids = [line.strip() for line in read_text_file(Path(delete_ids), "missing").splitlines() if line.strip()]
+        before = table.count_rows()
+        for start in range(0, len(ids), 1000):
+            table.delete("id IN (" + ", ".join(_sql_string(i) for i in ids[start: start + 1000]) + ")")
+        done["deleted"] = before - table.count_rows()
+    table.optimize()  # new rows into the vector and full-text indexes, old versions' files kept for readers
+    write_json(folder / "meta.json", {**meta, "count": table.count_rows()})
+    return done
 
 
 def vector_index(index_type: str, count: int, dim: int, train_size: int, partitions: int | None,
