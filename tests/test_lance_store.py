@@ -298,3 +298,31 @@ def test_add_replace_delete_are_seen_by_search_and_a_killed_add_leaves_the_last_
     with pytest.raises(Llama2VecError, match="the field 'year' holds string values; the store's are int64"):
         update_store(store, add, odd)
     assert open_table(store)[0].count_rows() == 2900
+
+
+def test_the_lancedb_embedding_function_encodes_as_llama2vec(tiny_model_dir, tmp_path):
+    import lancedb
+    from conftest import SENTENCES
+    from lancedb.embeddings import get_registry
+    from lancedb.pydantic import LanceModel, Vector
+
+    import llama2vec.lance_embeddings  # noqa: F401 (registers "llama2vec")
+    from llama2vec.encoder import Llama2Vec
+
+    func = get_registry().get("llama2vec").create(name=str(tiny_model_dir))
+
+    class Doc(LanceModel):
+        text: str = func.SourceField()
+        vector: Vector(func.ndims()) = func.VectorField()
+
+    table = lancedb.connect(tmp_path / "db").create_table("docs", schema=Doc)
+    table.add([{"text": t} for t in SENTENCES])  # LanceDB embeds them with the passage prompt
+    model = Llama2Vec.from_pretrained(str(tiny_model_dir), device="cpu")
+    rows = table.to_arrow().to_pylist()
+    stored = np.array([r["vector"] for r in rows], dtype=np.float32)
+    assert np.abs(stored - model.encode_corpus([r["text"] for r in rows])).max() <= 1e-5
+    query = "Who won the final?"
+    assert np.abs(np.asarray(func.compute_query_embeddings(query)[0]) - model.encode_queries([query])[0]).max() <= 1e-5
+    hits = table.search(query).distance_type("dot").limit(3).to_arrow()  # the query embedded with the query prompt
+    scores = model.encode_queries([query])[0] @ model.encode_corpus(SENTENCES).T
+    assert hits["text"].to_pylist() == [SENTENCES[i] for i in np.argsort(-scores)[:3]]
