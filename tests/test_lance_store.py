@@ -147,13 +147,67 @@ def test_float16_vectors_and_bad_inputs(corpus, tmp_path):
     assert meta["vector_dtype"] == "float16" and meta["count"] == 3000
 
 
-def test_serve_names_a_store_it_does_not_search(corpus, tmp_path):
+def test_serve_searches_a_store_with_filters_and_sees_its_updates(tiny_model_dir, tmp_path, monkeypatch):
+    """`serve --index STORE`: /v1/search equals the store's search (titles and texts from the table), `where`
+    filters, a bad filter is a 400 naming it, and a committed add is seen without a restart."""
+    httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
-    from llama2vec.serve import Searcher
+    from conftest import SENTENCES
+    from test_serve import running
 
-    store = build_store(corpus["emb"], corpus["data"], tmp_path / "store")
-    with pytest.raises(Llama2VecError, match="a LanceDB store; serve --index takes a FAISS index folder"):
-        Searcher(store, None, 32)
+    from llama2vec.encoder import Llama2Vec
+    from llama2vec.lance_store import update_store
+    from llama2vec.serve import Searcher, Settings, StoreSearcher, create_app
+
+    model = Llama2Vec.from_pretrained(str(tiny_model_dir), device="cpu")
+    docs = [{"_id": f"p{i}", "title": f"T{i}", "text": t, "category": "even" if i % 2 == 0 else "odd"}
+            for i, t in enumerate(SENTENCES)]
+    write_jsonl_rows(tmp_path / "data" / "corpus.jsonl", docs)
+    save_embeddings(tmp_path / "emb", [d["_id"] for d in docs], model.encode_corpus(docs))
+    store = build_store(tmp_path / "emb", tmp_path / "data", tmp_path / "store")
+    query = "Who won the final?"
+    qv = model.encode_queries([query])
+    with running(create_app(model, Settings(name="m"), StoreSearcher(store, model.dim, refresh_seconds=0))) as url:
+        r = httpx.post(f"{url}/v1/search", json={"query": query, "k": 3})
+        assert r.status_code == 200, r.text
+        scores, ids = search_store(store, qv, 3)
+        hits = r.json()["data"][0]["results"]
+        assert [h["id"] for h in hits] == ids[0]
+        assert np.abs(np.array([h["score"] for h in hits]) - scores[0]).max() < 1e-5
+        by_id = {d["_id"]: d for d in docs}
+        assert all(h["text"] == by_id[h["id"]]["text"] and h["title"] == by_id[h["id"]]["title"] for h in hits)
+        r = httpx.post(f"{url}/v1/search", json={"query": query, "k": 3, "where": "category = 'odd'"})
+        assert r.status_code == 200 and all(by_id[h["id"]]["category"] == "odd" for h in r.json()["data"][0]["results"])
+        for where in ("colour = 'red'", "category = 'odd'; DROP TABLE passages"):
+            r = httpx.post(f"{url}/v1/search", json={"query": query, "where": where})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_filter", r.text
+            assert r.json()["error"]["param"] == "where" and "cannot be applied" in r.json()["error"]["message"]
+        # A passage added while the server runs: found by the next request.
+        new = {"_id": "new", "title": "", "text": "A brand new passage about the final.", "category": "odd"}
+        write_jsonl_rows(tmp_path / "more" / "corpus.jsonl", [new])
+        save_embeddings(tmp_path / "more-emb", ["new"], qv)  # the query's own vector: the best hit
+        update_store(store, tmp_path / "more-emb", tmp_path / "more")
+        r = httpx.post(f"{url}/v1/search", json={"query": query, "k": 1})
+        assert r.json()["data"][0]["results"][0]["id"] == "new"
+        schema = httpx.get(f"{url}/openapi.json").json()
+        assert "where" in json.dumps(schema["components"]["schemas"])
+    # The command: `serve --index STORE` serves it (run stopped before listening), and refuses what a store lacks.
+    import llama2vec.serve as serve_module
+
+    served = {}
+    monkeypatch.setattr(serve_module, "run", lambda app, sock, drain: served.update(app=app) or sock.close())
+    argv = ["serve", "--model", str(tiny_model_dir), "--index", str(store), "--port", "0", "--device", "cpu"]
+    assert main([*argv, "--params", "nprobes=3", "--refresh-seconds", "2"]) == 0
+    searcher = served["app"].state.batcher.searcher
+    assert isinstance(searcher, StoreSearcher) and searcher.nprobes == 3 and searcher.refresh_seconds == 2
+    assert main([*argv, "--dataset", str(tmp_path / "data")]) == 2
+    assert main([*argv, "--params", "nprobe=3"]) == 2
+    # A FAISS index has no fields: a filter is refused, not ignored.
+    assert main(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "faiss")]) == 0
+    faiss = Searcher(tmp_path / "faiss", tmp_path / "data", model.dim)
+    with running(create_app(model, Settings(name="m"), faiss)) as url:
+        r = httpx.post(f"{url}/v1/search", json={"query": query, "where": "category = 'odd'"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "where", r.text
 
 
 @pytest.fixture(scope="module")

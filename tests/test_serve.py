@@ -353,7 +353,7 @@ def test_concurrent_searches_share_one_faiss_search_and_each_gets_its_own_hits(m
     searcher = Searcher(beir["index"], beir["data"], ref.dim)
     calls = []
     topk = searcher.topk
-    searcher.topk = lambda queries, k: calls.append((len(queries), k)) or topk(queries, k)
+    searcher.topk = lambda queries, k, where=None: calls.append((len(queries), k)) or topk(queries, k, where)
     bodies = [{"query": beir["queries"][i % 3], "k": 2 + i % 4} for i in range(12)]
     with running(serve_app(model_dir, searcher, max_wait_ms=200)) as url:
         with ThreadPoolExecutor(12) as pool:

@@ -309,6 +309,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     serve(args.model, args.host, args.port, args.index, args.dataset, args.backend, args.device, args.drain_seconds,
           allow_model_mismatch=args.allow_model_mismatch, resident=args.resident, params=args.params,
+          refresh_seconds=args.refresh_seconds,
           max_hits=args.max_hits, max_response_bytes=int(args.max_response_mb * 1024 * 1024),
           api_key=args.api_key or os.environ.get("LLAMA2VEC_API_KEY"),
           auto_truncate=args.auto_truncate,
@@ -515,7 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resident", action="store_true",
                    help="Read the index parts whole into memory (default: memory-mapped, the page cache holding "
                         "what searches touch).")
-    p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW).")
+    p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW); for a "
+                                    "LanceDB store, nprobes=N.")
+    p.add_argument("--refresh-seconds", type=float, default=10.0,
+                   help="With a LanceDB store as --index: check out its latest committed version at most this often.")
     p.add_argument("--max-hits", type=int, default=100_000,
                    help="Queries x k of one /v1/search request at most; more gets 400.")
     p.add_argument("--max-response-mb", type=float, default=32.0,

@@ -257,7 +257,7 @@ def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.n
                   params: str | None = None, where: str | None = None) -> Run:
     """Search every index folder (one at a time, memory-mapped) and merge their top-k by score; LanceDB stores
     (`lance_store`) alike, with `where` filtering their fields and `params` 'nprobes=N'."""
-    from .lance_store import is_store, search_store
+    from .lance_store import is_store, search_store, store_nprobes
 
     stores = [is_store(f) for f in folders]
     if any(stores) and not all(stores):
@@ -268,12 +268,7 @@ def search_shards(folders: list[str | Path], query_ids: list[str], queries: np.n
         parts = ((*load_index(folder, mmap=True), folder) for f in folders for folder in index_parts(f))
         scores, found, ids = search_parts(parts, queries, k, params)
         return to_run(query_ids, ids, scores, found)
-    nprobes = None
-    if params:
-        name, _, value = params.partition("=")
-        if name != "nprobes" or not value.isdigit():
-            raise Llama2VecError(f"--params {params!r}: a LanceDB store takes nprobes=N")
-        nprobes = int(value)
+    nprobes = store_nprobes(params)
     run: Run = {q: {} for q in query_ids}
     for folder in folders:
         scores, hits = search_store(folder, queries, k, where, nprobes)

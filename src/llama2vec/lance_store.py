@@ -285,14 +285,28 @@ def check_where(table, where: str, folder: str | Path) -> None:
         raise bad(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
 
 
+def store_nprobes(params: str | None) -> int | None:
+    """The IVF lists a store's search probes, from search parameters 'nprobes=N' (None: LanceDB's default)."""
+    if not params:
+        return None
+    name, _, value = params.partition("=")
+    if name.strip() != "nprobes" or not value.strip().isdigit() or int(value) < 1:
+        raise Llama2VecError(f"--params {params!r}: a LanceDB store takes nprobes=N, N at least 1")
+    return int(value)
+
+
 def search_store(folder: str | Path, queries: np.ndarray, k: int, where: str | None = None,
-                 nprobes: int | None = None, batch: int = 256) -> tuple[np.ndarray, list[list[str]]]:
-    """(scores (Q, k) as inner products, -inf where fewer hits, the hits' ids) of a store, best first."""
+                 nprobes: int | None = None, batch: int = 256, table=None) -> tuple[np.ndarray, list[list[str]]]:
+    """(scores (Q, k) as inner products, -inf where fewer hits, the hits' ids) of a store, best first (`table`:
+    the store's table already open, its filter already checked)."""
     if k < 1:
         raise Llama2VecError(f"k must be at least 1, got {k}")
-    table, meta = open_table(folder)
-    if where:
-        check_where(table, where, folder)
+    if table is None:
+        table, meta = open_table(folder)
+        if where:
+            check_where(table, where, folder)
+    else:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
     dtype = np.float16 if meta.get("vector_dtype") == "float16" else np.float32
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     hits: list[list[str]] = [[] for _ in range(len(queries))]

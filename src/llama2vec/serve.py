@@ -128,6 +128,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     tokens: int  # tokens with the prompt
     k: int = 0  # > 0: also search the index for the k best hits of each text
+    where: str | None = None  # a LanceDB store's filter for that search
     arrival: float = field(default_factory=time.monotonic)
 
 
@@ -193,12 +194,12 @@ class Batcher:
             raise Overloaded(f"the server is busy: the queue holds about {wait:.0f} s of work, over the "
                              f"{self.max_queue_seconds:g} s it admits; retry later", wait - self.max_queue_seconds)
 
-    async def encode(self, rows: list[list[int]], task: str, k: int = 0):
+    async def encode(self, rows: list[list[int]], task: str, k: int = 0, where: str | None = None):
         """(len(rows), H) embeddings, or with `k` (emb, scores (len(rows), k'), positions) from the searcher;
         raises `Overloaded` when the queue is full or too slow to wait for."""
         loop = asyncio.get_running_loop()
         job = Job(rows, task, loop.create_future(), loop, sum(len(r) for r in rows) + self.overhead[task] * len(rows),
-                  k)
+                  k, where)
         with self.cond:
             self.admit(len(rows))
             self.pending += len(rows)
@@ -260,17 +261,18 @@ class Batcher:
                 job.loop.call_soon_threadsafe(_settle, job.future, results.get(id(job)))
 
     def _search(self, jobs: list[Job], results: dict) -> None:
-        """The searches of a batch: every query in one FAISS search at the largest k, each job its own k."""
-        if not jobs:
-            return
-        k = max(j.k for j in jobs)
-        scores, found = self.searcher.topk(np.concatenate([results[id(j)] for j in jobs]), k)
-        start = 0
-        for job in jobs:
-            n = len(job.rows)
-            rows = slice(start, start + n)
-            results[id(job)] = (results[id(job)], scores[rows, :job.k], found[rows, :job.k])
-            start += n
+        """The searches of a batch: the queries of the jobs with the same filter in one search at their largest
+        k, each job its own k."""
+        for where in dict.fromkeys(j.where for j in jobs):
+            group = [j for j in jobs if j.where == where]
+            k = max(j.k for j in group)
+            scores, found = self.searcher.topk(np.concatenate([results[id(j)] for j in group]), k, where)
+            start = 0
+            for job in group:
+                n = len(job.rows)
+                rows = slice(start, start + n)
+                results[id(job)] = (results[id(job)], scores[rows, :job.k], found[rows, :job.k])
+                start += n
 
     def _encode(self, jobs: list[Job]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
@@ -423,11 +425,6 @@ class Searcher:
     def __init__(self, index: str | Path, dataset: str | Path | None, dim: int, resident: bool = False,
                  params: str | None = None):
         from .index import index_parts, load_index, set_params
-        from .lance_store import is_store
-
-        if is_store(index):
-            raise Llama2VecError(f"{index}: a LanceDB store; serve --index takes a FAISS index folder (search a "
-                                 f"store with `llama2vec search`)")
         self.parts = [load_index(p, mmap=not resident) for p in index_parts(index)]
         for part, _ in self.parts:
             if part.d != dim:
@@ -444,7 +441,9 @@ class Searcher:
             log.warning("%d of %d indexed ids are not in %s: they come without title and text",
                         self.passages.missing, len(self.ids), dataset)
 
-    def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    store = False
+
+    def topk(self, queries: np.ndarray, k: int, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores (Q, k), positions into `ids`, -1 for none) over every part, as `llama2vec search` ranks them."""
         from .index import merge_topk, search_index
 
@@ -478,6 +477,67 @@ class Searcher:
 
     def search(self, queries: np.ndarray, k: int, with_text: bool = True) -> list[list[dict]]:
         return self.hits(*self.topk(queries, k), with_text)
+
+
+class StoreSearcher:
+    """A LanceDB store (`lance_store`) searched as `Searcher` searches a FAISS folder, with a filter on its fields
+    (`where`). It checks out the store's latest committed version at most every `refresh_seconds`, so that a
+    running server sees what `index --add` and `--delete-ids` commit."""
+
+    store = True
+
+    def __init__(self, folder: str | Path, dim: int, refresh_seconds: float = 10.0, nprobes: int | None = None):
+        from .lance_store import open_table
+
+        self.folder, self.refresh_seconds, self.nprobes = Path(folder), refresh_seconds, nprobes
+        self.table, meta = open_table(folder)
+        if meta["dim"] != dim:
+            raise Llama2VecError(f"{folder}: a store of {meta['dim']}-dimension vectors; the model gives {dim}")
+        self.checked = time.monotonic()
+        self.lock = threading.Lock()
+
+    def refresh(self) -> None:
+        with self.lock:
+            if time.monotonic() - self.checked >= self.refresh_seconds:
+                self.table.checkout_latest()
+                self.checked = time.monotonic()
+
+    def check_where(self, where: str) -> None:
+        from .lance_store import check_where
+
+        try:
+            check_where(self.table, where, self.folder.name)
+        except Llama2VecError as e:
+            raise ApiError(400, str(e), "where", "invalid_filter") from None
+
+    def topk(self, queries: np.ndarray, k: int, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k), the hits' ids (Q, k), '' for none)."""
+        from .lance_store import search_store
+
+        self.refresh()
+        scores, hits = search_store(self.folder, queries, k, where, self.nprobes, table=self.table)
+        found = np.full((len(queries), k), "", dtype=object)
+        for row, ids in zip(found, hits):
+            row[: len(ids)] = ids
+        return scores, found
+
+    def hits(self, scores: np.ndarray, found: np.ndarray, with_text: bool = True,
+             max_chars: int | None = None) -> list[list[dict]]:
+        ids = [d for row in found for d in row if d]
+        passages = {}
+        if with_text and ids:
+            rows = (self.table.search().where("id IN (" + ", ".join("'" + d.replace("'", "''") + "'" for d in ids)
+                                              + ")").select(["id", "title", "text"]).limit(len(ids)).to_arrow())
+            passages = {r["id"]: {"title": r["title"] or "", "text": r["text"]} for r in rows.to_pylist()}
+        out, chars = [], 0
+        for row_ids, row_scores in zip(found, scores):
+            out.append([{"id": d, "score": float(s), **passages.get(d, {})} for d, s in zip(row_ids, row_scores) if d])
+            chars += sum(len(h.get("title", "")) + len(h.get("text", "")) for h in out[-1])
+            if max_chars is not None and chars > max_chars:
+                raise ApiError(400, f"the hits' titles and texts come to over {max_chars:,} characters, this "
+                                    f"server's response limit (--max-response-mb): ask for fewer queries or a "
+                                    f"smaller k, or set return_text to false", "k", "response_too_large")
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,7 +579,7 @@ def _json_integer(value):
     return value
 
 
-def schema_models(dim: int, vocab: int, max_k: int = MAX_K):
+def schema_models(dim: int, vocab: int, max_k: int = MAX_K, store: bool = False):
     """The pydantic models of the routes, bounded by this model's dimensions and vocabulary: a request the
     schema admits is one the server serves (`--auto-truncate` aside, which cuts texts over the length limit)."""
     from typing import Annotated, Literal
@@ -551,6 +611,10 @@ def schema_models(dim: int, vocab: int, max_k: int = MAX_K):
         k: integer(1, max_k) = Field(10, description="Hits a query (queries x k at most the server's --max-hits).")
         return_text: bool = Field(True, description="Give each hit's title and text (with --dataset), or ids and "
                                                     "scores only.")
+        where: None = Field(None, description="Filters need a LanceDB store as the index; this one has no fields.")
+
+    class StoreSearchRequest(SearchRequest):
+        where: Text | None = Field(None, description="An SQL filter on the store's fields, e.g. category = 'sport'.")
 
     class Usage(BaseModel):
         prompt_tokens: int
@@ -608,8 +672,11 @@ def schema_models(dim: int, vocab: int, max_k: int = MAX_K):
     class ErrorResponse(BaseModel):
         error: ErrorDetail
 
-    return {m.__name__: m for m in (EmbeddingsRequest, SearchRequest, EmbeddingsResponse, SearchResponse,
-                                    ModelList, Health, ErrorResponse)}
+    models = {m.__name__: m for m in (EmbeddingsRequest, SearchRequest, EmbeddingsResponse, SearchResponse,
+                                      ModelList, Health, ErrorResponse)}
+    if store:  # the filter is in the schema only where the server can apply one
+        models["SearchRequest"] = StoreSearchRequest
+    return models
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,7 +723,7 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
                       settings.batching, metrics, settings.max_queue_seconds, searcher)
     names = {settings.name, *settings.aliases}
     spec, vocab = encoder.spec, len(encoder.tokenizer)
-    models = schema_models(encoder.dim, vocab)
+    models = schema_models(encoder.dim, vocab, store=bool(searcher is not None and searcher.store))
     EmbeddingsRequest, SearchRequest = models["EmbeddingsRequest"], models["SearchRequest"]
     tokenizer_lock = threading.Lock()
     created = int(time.time())
@@ -670,6 +737,7 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
     app = FastAPI(title="llama2vec", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible embeddings of a llama2vec model, and search over its index.")
     app.add_middleware(Guard, max_bytes=settings.max_request_bytes, metrics=metrics, api_key=settings.api_key)
+    app.state.batcher = batcher
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -717,10 +785,10 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
                                "input", "context_length_exceeded")
         return encoder.fit(rows, kind)
 
-    async def embed(items: list[str | list[int]], kind: str, k: int = 0) -> tuple[Any, int]:
+    async def embed(items: list[str | list[int]], kind: str, k: int = 0, where: str | None = None) -> tuple[Any, int]:
         batcher.admit(len(items))  # refused before the work of tokenising
         rows, task = await run_in_threadpool(tokenize, items, kind)
-        emb = await batcher.encode(rows, task, k)
+        emb = await batcher.encode(rows, task, k, where)
         metrics.texts.labels("query" if kind == "query" else "document").inc(len(rows))  # as the API names them
         return emb, sum(len(r) for r in rows)
 
@@ -754,7 +822,10 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
             raise ApiError(400, f"{len(queries)} queries x k = {body.k} asks for {len(queries) * body.k:,} hits; this "
                                 f"server gives at most {settings.max_hits:,} a request (--max-hits): send fewer "
                                 f"queries a request or a smaller k", "k", "too_many_hits")
-        (_, scores, found), tokens = await embed(queries, "query", body.k)
+        where = getattr(body, "where", None)
+        if where:
+            await run_in_threadpool(searcher.check_where, where)
+        (_, scores, found), tokens = await embed(queries, "query", body.k, where)
         hits = await run_in_threadpool(searcher.hits, scores, found, body.return_text, settings.max_response_bytes)
         data = [{"object": "search_result", "index": i, "query": q, "results": h}
                 for i, (q, h) in enumerate(zip(queries, hits))]
@@ -822,7 +893,7 @@ def run(app, sock: socket.socket, drain_seconds: float = 60.0) -> None:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, index: str | None = None,
           dataset: str | None = None, backend: str = "torch", device: str = "auto", drain_seconds: float = 60.0,
           allow_model_mismatch: bool = False, resident: bool = False, params: str | None = None,
-          **settings) -> None:
+          refresh_seconds: float = 10.0, **settings) -> None:
     """Load the model (and the index and dataset) once, then serve until SIGTERM or SIGINT."""
     try:
         import fastapi  # noqa: F401
@@ -843,7 +914,17 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, index: str | No
 
         check_queries([index], model_identity(encoder.source) if encoder.source else None, encoder.dim,
                       f"the queries of {model}", allow_model_mismatch)
-    searcher = Searcher(index, dataset, encoder.dim, resident, params) if index else None
+    searcher = None
+    if index:
+        from .lance_store import is_store, store_nprobes
+
+        if is_store(index):
+            if dataset or resident:
+                raise Llama2VecError(f"{index}: a LanceDB store holds its passages' texts and reads them itself: "
+                                     f"leave out --dataset and --resident")
+            searcher = StoreSearcher(index, encoder.dim, refresh_seconds, store_nprobes(params))
+        else:
+            searcher = Searcher(index, dataset, encoder.dim, resident, params)
     folder = Path(model.rstrip("/")).name
     app = create_app(encoder, Settings(name=model, aliases=(folder,), **settings), searcher)
     log.info("serving %s (%s, %d dimensions) on http://%s:%d%s", model, backend, encoder.dim, host,
