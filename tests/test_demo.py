@@ -59,6 +59,12 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch, caps
     spec = FusionSpec.from_json(saved["settings"]["fusion_choice"]["chosen"])
     fused = evaluate_run(test.qrels, fuse([bm25, read_run(out / "eval" / "smollm2-adapted-finetuned.trec")], spec))
     assert fused["ndcg@10"] == saved["systems"]["hybrid"]["ndcg@10"]
+    # The same protocol through a LanceDB store: its dense search scores as the exact search, to the last digit.
+    store = saved["store"]
+    assert store["passages"] == 18
+    assert all(store["dense"][m] == system[m] for m in ("ndcg@10", "mrr@10", "recall@100"))
+    assert store["full-text"]["ndcg@10"] > 0.5 and 0 < store["hybrid"]["ndcg@10"] <= 1
+    assert "searched through a LanceDB store" in (out / "report.md").read_text()
     dev = read_beir(out / "data" / "dev", "test")
     dev_runs = [read_run(out / "eval" / "dev" / f"{n}.trec") for n in ("bm25", "smollm2-adapted-finetuned")]
     assert choose_fusion(dev_runs, dev.qrels)[0] == spec

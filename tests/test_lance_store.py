@@ -380,3 +380,75 @@ def test_the_lancedb_embedding_function_encodes_as_llama2vec(tiny_model_dir, tmp
     hits = table.search(query).distance_type("dot").limit(3).to_arrow()  # the query embedded with the query prompt
     scores = model.encode_queries([query])[0] @ model.encode_corpus(SENTENCES).T
     assert hits["text"].to_pylist() == [SENTENCES[i] for i in np.argsort(-scores)[:3]]
+
+
+def test_evaluate_searches_a_store_or_an_index_as_search_does(tiny_model_dir, tmp_path, capsys):
+    """`evaluate --index`: a flat store and a FAISS Flat folder of the model's passage embeddings score as the
+    exact search; --mode fts and hybrid (with --fusion auto chosen on --dev-split) score the runs `search` writes;
+    another model's store is refused, naming both."""
+    from conftest import SENTENCES
+
+    from llama2vec.evaluate import evaluate, fuse_runs
+    from llama2vec.formats import read_beir, write_qrels
+    from llama2vec.lance_store import text_search
+    from llama2vec.metrics import evaluate_run
+
+    data = tmp_path / "data"
+    docs = [{"_id": f"d{i}", "title": "", "text": t, "category": "ab"[i % 2 == 0]} for i, t in enumerate(SENTENCES)]
+    write_jsonl_rows(data / "corpus.jsonl", docs)
+    queries = {f"q{i}": " ".join(t.split()[1:4]) for i, t in enumerate(SENTENCES)}
+    write_jsonl_rows(data / "queries.jsonl", [{"_id": q, "text": t} for q, t in queries.items()])
+    write_qrels(data / "qrels" / "test.tsv", {f"q{i}": {f"d{i}": 1} for i in range(0, 8, 2)})
+    write_qrels(data / "qrels" / "dev.tsv", {f"q{i}": {f"d{i}": 1} for i in range(1, 8, 2)})
+    model = str(tiny_model_dir)
+    assert main(["encode", "--model", model, "--dataset", str(data), "--what", "corpus", "--output",
+                 str(tmp_path / "emb"), "--device", "cpu"]) == 0
+    store, flat = tmp_path / "store", tmp_path / "flat"
+    assert main(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(store), "--store", "lancedb",
+                 "--dataset", str(data)]) == 0
+    assert main(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(flat)]) == 0
+    exact = evaluate(model=model, dataset=str(data), device="cpu", k=8)
+    for index in (store, flat):
+        assert evaluate(model=model, dataset=str(data), index=str(index), device="cpu", k=8) == exact
+    test = read_beir(data, "test")
+    fts = evaluate(dataset=str(data), index=str(store), mode="fts", k=8, save_run=str(tmp_path / "fts.trec"))
+    want = text_search(store, list(test.queries), list(test.queries.values()), 8)
+    assert fts == evaluate_run(test.qrels, want)
+    # hybrid: the fusion chosen on the dev split's runs, then applied to the test split's
+    saved = tmp_path / "hybrid.trec"
+    assert main(["evaluate", "--model", model, "--dataset", str(data), "--index", str(store), "--mode", "hybrid",
+                 "--fusion", "auto", "--dev-split", "dev", "--k", "8", "--device", "cpu", "--save-run", str(saved),
+                 "--output", str(tmp_path / "m.json")]) == 0
+    assert "full-text" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text()) == evaluate_run(test.qrels, read_run(saved))
+    dev = read_beir(data, "dev")
+    both = {**dev.queries, **test.queries}
+    from llama2vec.encoder import Llama2Vec
+
+    enc = Llama2Vec.from_pretrained(model, device="cpu")
+    qids = list(both)
+    dense = search_shards([store], qids, enc.encode_queries([both[q] for q in qids]), 8)
+    lexical = text_search(store, qids, [both[q] for q in qids], 8)
+    split = [{q: r[q] for q in test.qrels} for r in (dense, lexical)]
+    dev_runs = [{q: r[q] for q in dev.qrels} for r in (dense, lexical)]
+    want = fuse_runs(split, "auto", 8, dev_runs, dev.qrels)
+    got = read_run(saved)
+    assert {q: list(d) for q, d in got.items()} == {q: list(d) for q, d in want.items()}
+    # filters, and what evaluate --index refuses
+    filtered = tmp_path / "filtered.trec"
+    evaluate(model=model, dataset=str(data), index=str(store), where="category = 'b'", device="cpu", k=8,
+             save_run=str(filtered))
+    assert all(d in {"d0", "d2", "d4", "d6"} for docs_ in read_run(filtered).values() for d in docs_)
+    other = tmp_path / "other-model"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, other)
+    (other / "extra.txt").write_text("another model")
+    with pytest.raises(Llama2VecError, match="come from the model"):
+        evaluate(model=str(other), dataset=str(data), index=str(store), device="cpu")
+    assert evaluate(model=str(other), dataset=str(data), index=str(store), device="cpu", k=8,
+                    allow_model_mismatch=True)["ndcg@10"] >= 0
+    for bad in (dict(mode="fts", index=str(flat)), dict(where="category = 'b'"), dict(mode="hybrid", fuse="bm25",
+                                                                                    index=str(store))):
+        with pytest.raises(Llama2VecError):
+            evaluate(model=model, dataset=str(data), device="cpu", **bad)

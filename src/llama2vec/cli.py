@@ -322,10 +322,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate, print_table
 
     metrics = evaluate(args.output, args.run, args.qrels, args.model, args.dataset, args.split, args.k, args.fuse,
-                       args.save_run, args.device, args.batch_size, args.backend, args.fusion, args.dev_split)
-    name = args.model or args.run
-    print_table(name + (f" + {args.fuse} ({'RRF' if args.fusion == 'rrf' else args.fusion})" if args.fuse else ""),
-                metrics)
+                       args.save_run, args.device, args.batch_size, args.backend, args.fusion, args.dev_split,
+                       args.index, args.mode, args.where, args.params, args.allow_model_mismatch)
+    name = {"fts": "full-text", "hybrid": f"{args.model} + full-text"}.get(args.mode, args.model) or args.run
+    if args.index:
+        name += f" in {args.index}"
+    fused = args.fuse or args.mode == "hybrid"
+    print_table(name + (f" + {args.fuse}" if args.fuse else "")
+                + (f" ({'RRF' if args.fusion == 'rrf' else args.fusion})" if fused else ""), metrics)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -560,6 +564,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       auto="--dev-split of --dataset"))
     p.add_argument("--dev-split", help="With --fusion auto: the split of --dataset the fusion is chosen on (e.g. "
                                        "dev); it is then applied unchanged to --split.")
+    p.add_argument("--index", help="Search the queries in this FAISS index folder or LanceDB store (built from "
+                                   "--model's embeddings of --dataset's corpus) rather than exactly over the corpus "
+                                   "encoded anew.")
+    p.add_argument("--mode", choices=["dense", "fts", "hybrid"], default="dense",
+                   help="With a LanceDB store as --index: dense (--model's query embeddings), fts (its full-text "
+                        "index, no model), hybrid (both, fused by --fusion).")
+    p.add_argument("--where", help="With a LanceDB store as --index: an SQL filter on its fields.")
+    p.add_argument("--params", help="With --index: search parameters, e.g. nprobe=16 (FAISS IVF), efSearch=128 "
+                                    "(FAISS HNSW), nprobes=16 (a store's IVF).")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="Search --index with --model's queries even though the index holds another model's "
+                        "embeddings.")
     p.add_argument("--save-run", help="Also write the system's TREC run here.")
     p.add_argument("--output", help="Metrics JSON to write.")
     p.add_argument("--device", default="auto")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import logging
 import shutil
 import statistics
@@ -201,7 +202,7 @@ def estimate_work(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tuple
 
     # The prompt choice (the passages once, the queries with both prompts) and the backend's cost (the dev sets
     # again in float32), then both models per candidate recipe (the first candidate's runs are among the curve's
-    # when it is chosen).
+    # when it is chosen). The test set is encoded once more for the LanceDB store.
     choices = dev(s.passage_max_length) + encode(0, n_dev[1] + _LEE[2])
     fp32 = dev(s.passage_max_length) if s.backend != "torch" else 0
     if len(s.recipes) > 1:
@@ -209,7 +210,7 @@ def estimate_work(s: DemoSettings, n_passages: int, n_queries: int, n_dev: tuple
         finetune += sum(2 * steps_for(s.recipe_queries, s) * step(n) for n in lengths[1:])
     mined = any(r.negatives == "adapted" for r in s.recipes)
     mine = encode(2089, s.main_queries, s.passage_max_length) if mined else 0
-    evaluations = (2 + 2 * len(runs)) * encode(n_passages, n_queries) + (2 + 2 * len(s.seeds)) * encode(lee_test,
+    evaluations = (3 + 2 * len(runs)) * encode(n_passages, n_queries) + (2 + 2 * len(s.seeds)) * encode(lee_test,
                                                                                                         _LEE[1])
     return {"adapt": adapt, "finetune": finetune, "encode": choices + mine + evaluations + dev(), "encode_fp32": fp32}
 
@@ -439,6 +440,41 @@ def evaluate_system(system: str, data: Path, out: Path, s: DemoSettings, run_fil
     return metrics
 
 
+def search_through_store(encoder, data: Path, out: Path, spec) -> dict | None:
+    """The test protocol of `data` searched through a LanceDB store (`lance_store`, flat) of the encoder's passage
+    embeddings, as `encode`, `index --store lancedb` and `search` do it: the metrics of its dense run (those of
+    the exact search), of its full-text run, and of their hybrid by `spec` (the fusion chosen on dev; full-text
+    run first, as bm25's is in the hybrid). Cached in `out`/store.json; None where lancedb is not installed."""
+    from .embeddings import FileSource, encode_to_folder
+    from .formats import read_beir
+    from .fusion import fuse
+    from .index import search_shards
+    from .metrics import evaluate_run
+    from .store import read_json_or_none, write_json
+
+    cached = read_json_or_none(out / "store.json")
+    if cached is not None:
+        return cached
+    if importlib.util.find_spec("lancedb") is None:
+        print("the LanceDB store is not searched: lancedb is not installed (pip install 'llama2vec[lancedb]')")
+        return None
+    from .lance_store import build_store, text_search
+
+    test = read_beir(data, "test")
+    emb = encode_to_folder(encoder, FileSource(data / "corpus.jsonl", require_id=True), out / "embeddings",
+                           "passage")
+    store = build_store(emb, data, out / "lancedb")
+    qids = list(test.queries)
+    texts = [test.queries[q] for q in qids]
+    dense = search_shards([store], qids, encoder.encode_queries(texts), 1000)
+    lexical = text_search(store, qids, texts, 1000)
+    result = {"passages": len(test.corpus), "queries": len(qids), "dense": evaluate_run(test.qrels, dense),
+              "full-text": evaluate_run(test.qrels, lexical),
+              "hybrid": evaluate_run(test.qrels, fuse([lexical, dense], spec))}
+    write_json(out / "store.json", result)
+    return result
+
+
 def choose_encoding(adapted: Path, devs: dict[str, Path], out: Path, s: DemoSettings) -> dict:
     """On the dev splits (never test): the adapted model's zero-shot nDCG@10 with the NEXT and the SELF
     prompt for queries (unless the settings fix one) on every dev set; the best mean over the dev sets
@@ -665,6 +701,14 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
                      "dev_ndcg@10": {str(c): round(v, 4) for c, v in table[:8]}}
     stage("evaluate")
 
+    # The same test protocol searched through a LanceDB store: its dense run must score as the exact search.
+    store_dir = out / "store"
+    cache.claim(store_dir, system=model_keys[str(main["adapted"][s.seeds[0]])], data=sets[eval_set],
+                fusion=spec.to_json(), **common(s))
+    through_store = search_through_store(load_llm_encoder(str(main["adapted"][s.seeds[0]]), s), eval_set, store_dir,
+                                         spec)
+    stage("store")
+
     curve = []
     for n in s.label_curve:
         point: dict = {"n": n, "seeds": len(s.seeds) if n else 1}
@@ -702,6 +746,7 @@ def demo(preset: str = "quick", output: str = "runs/demo", force: bool = False,
                           "queries": len(lee_data.queries), "passages": len(lee_data.corpus),
                           "systems": {k: summary(v) for k, v in results["lee-test"].items()}},
         "label_curve": curve,
+        "store": through_store,
     }
     write_report(out, report, systems, {name: main[name][s.seeds[0]] for name in models})
     if log_file is not None:
@@ -777,6 +822,18 @@ def write_report(out: Path, report: dict, systems: dict, main: dict[str, Path]) 
              f"## BBC test (seed {s['seeds'][0]})", "", format_table(systems, ("ndcg@10", "mrr@10", "recall@100")), "",
              "## BBC test nDCG@10 by seed (the fine-tuned systems and the hybrid depend on it)", "",
              *_seed_table(report["systems"], s["seeds"])]
+    if report.get("store"):
+        st, exact = report["store"], report["systems"]
+        lines += [f"## The same protocol searched through a LanceDB store (seed {s['seeds'][0]})", "",
+                  "| system | nDCG@10 | as searched above |", "|---|---|---|",
+                  f"| smollm2-adapted-finetuned, dense in the store | {st['dense']['ndcg@10']:.4f} | "
+                  f"{exact['smollm2-adapted-finetuned']['ndcg@10']:.4f} (exact search) |",
+                  f"| the store's full-text index (LanceDB BM25) | {st['full-text']['ndcg@10']:.4f} | "
+                  f"{exact['bm25']['ndcg@10']:.4f} (bm25s) |",
+                  f"| hybrid in the store (same fusion) | {st['hybrid']['ndcg@10']:.4f} | "
+                  f"{exact['hybrid']['ndcg@10']:.4f} (bm25s and exact search) |", "",
+                  "The two BM25 implementations differ (tokenisation, scoring details); the hybrids differ by what "
+                  "the full-text runs do.", ""]
     ood = report["out_of_domain"]
     lines += [f"## Out of domain: {ood['task']} ({ood['queries']} queries, {ood['passages']} passages), nDCG@10",
               "", *_seed_table(ood["systems"], s["seeds"])]

@@ -86,6 +86,36 @@ def retrieve(system: str, data: BeirDataset, k: int = 1000, device: str = "auto"
     return dense_retrieve(load_encoder(system, device, batch_size, backend), data, k)
 
 
+def index_retrieve(model: str | None, index: str, data: BeirDataset, k: int = 1000, mode: str = "dense",
+                   where: str | None = None, params: str | None = None, device: str = "auto", batch_size: int = 16,
+                   backend: str = "torch", allow_model_mismatch: bool = False) -> list[Run]:
+    """The runs of `data`'s queries searched in `index` (a FAISS index folder or a LanceDB store, as `llama2vec
+    search` takes them), its passages encoded beforehand: [the dense run of `model`'s query embeddings] for mode
+    'dense', [the store's full-text run] for 'fts', both in that order for 'hybrid'."""
+    from .index import check_queries, search_shards
+    from .lance_store import is_store, text_search
+    from .store import model_identity
+
+    if mode != "dense" and not is_store(index):
+        raise Llama2VecError(f"--mode {mode} searches the full-text index of a LanceDB store; {index} is not one")
+    qids = list(data.queries)
+    runs = []
+    if mode in ("dense", "hybrid"):
+        if model is None:
+            raise Llama2VecError(f"--mode {mode} needs --model: the model whose embeddings {index} holds")
+        if model == "bm25":
+            raise Llama2VecError("bm25 has no index: search a store's full-text index with --mode fts")
+        encoder = load_encoder(model, device, batch_size, backend)
+        queries = encoder.encode_queries([data.queries[q] for q in qids])
+        source = getattr(encoder, "source", None) or (minilm_folder() if model == MINILM else model)
+        check_queries([index], model_identity(source), queries.shape[1], f"the queries of {model}",
+                      allow_model_mismatch)
+        runs.append(search_shards([index], qids, queries, k, params, where))
+    if mode in ("fts", "hybrid"):
+        runs.append(text_search(index, qids, [data.queries[q] for q in qids], k, where))
+    return runs
+
+
 def dense_retrieve(encoder, data: BeirDataset, k: int = 1000) -> Run:
     """The exact top-k run of an encoder (encode_queries / encode_corpus) on `data`."""
     from .index import exact_search
@@ -127,9 +157,9 @@ def fuse_runs(runs: list[Run], fusion: str = DEFAULT, depth: int = 1000, dev_run
     return fuse_spec(runs, spec, depth)
 
 
-def _check_fusion(fuse: str | None, fusion: str, split: str, dev_split: str | None) -> None:
+def _check_fusion(fuse: str | bool | None, fusion: str, split: str, dev_split: str | None) -> None:
     if fusion != DEFAULT and not fuse:
-        raise Llama2VecError(f"--fusion {fusion!r} needs --fuse (the system to fuse with)")
+        raise Llama2VecError(f"--fusion {fusion!r} needs --fuse (the system to fuse with) or --mode hybrid")
     if fusion == AUTO and not dev_split:
         raise Llama2VecError("--fusion auto needs --dev-split (the split the fusion is chosen on)")
     if dev_split and fusion != AUTO:
@@ -143,37 +173,56 @@ def _check_fusion(fuse: str | None, fusion: str, split: str, dev_split: str | No
 def evaluate(output: str | None = None, run: str | None = None, qrels: str | None = None, model: str | None = None,
              dataset: str | None = None, split: str = "test", k: int = 1000, fuse: str | None = None,
              save_run: str | None = None, device: str = "auto", batch_size: int = 16,
-             backend: str = "torch", fusion: str = DEFAULT, dev_split: str | None = None) -> dict[str, float]:
+             backend: str = "torch", fusion: str = DEFAULT, dev_split: str | None = None, index: str | None = None,
+             mode: str = "dense", where: str | None = None, params: str | None = None,
+             allow_model_mismatch: bool = False) -> dict[str, float]:
     """Metrics of a run file against qrels, or of `model` on `dataset`/`split`. Writes them as
     JSON to `output` when given; `save_run` keeps the system's TREC run. `fusion` says how `fuse`
-    is fused with `model` (see `fuse_runs`); 'auto' chooses it on `dev_split` of `dataset`."""
-    _check_fusion(fuse, fusion, split, dev_split)
+    is fused with `model` (see `fuse_runs`); 'auto' chooses it on `dev_split` of `dataset`. With `index` the
+    queries are searched there (see `index_retrieve`: `mode`, `where`, `params`) rather than exactly over the
+    corpus encoded anew; 'hybrid' fuses the store's dense and full-text runs by `fusion`."""
+    hybrid = mode == "hybrid"
+    if index is None and (mode != "dense" or where or params):
+        raise Llama2VecError("--mode, --where and --params search an index: give --index")
+    if hybrid and fuse:
+        raise Llama2VecError("--mode hybrid fuses the store's dense and full-text runs; leave out --fuse")
+    _check_fusion(fuse or hybrid, fusion, split, dev_split)
     if run is not None:
         if qrels is None:
             raise Llama2VecError("--run needs --qrels")
+        if index is not None:
+            raise Llama2VecError("--run is scored as it is; --index searches: give one of them")
         result_run, gold = read_run(run), read_qrels(Path(qrels))
     else:
-        if model is None or dataset is None:
-            raise Llama2VecError("give --run and --qrels, or --model and --dataset")
+        if dataset is None or (model is None and mode != "fts"):
+            raise Llama2VecError("give --run and --qrels, or --model and --dataset (or --index STORE --mode fts "
+                                 "and --dataset)")
         data = read_beir(dataset, split)
         gold = data.qrels
-        dev = read_beir(dataset, dev_split) if fuse and dev_split else None
+        dev = read_beir(dataset, dev_split) if (fuse or hybrid) and dev_split else None
         if dev is not None:  # one retrieval of each system over the dev and test queries together
             data = BeirDataset(data.corpus, {**dev.queries, **data.queries}, gold)
-        result_run = retrieve(model, data, k, device, batch_size, backend)
+        if index is None:
+            runs = [retrieve(model, data, k, device, batch_size, backend)]
+        else:
+            runs = index_retrieve(model, index, data, k, mode, where, params, device, batch_size, backend,
+                                  allow_model_mismatch)
         if fuse:
-            other = retrieve(fuse, data, k, device, batch_size)
-            runs, dev_runs = [result_run, other], None
+            runs.append(retrieve(fuse, data, k, device, batch_size))
+        result_run = runs[0]
+        if len(runs) == 2:
+            dev_runs = None
             if dev is not None:
-                runs = [{q: r[q] for q in gold if q in r} for r in (result_run, other)]
-                dev_runs = [{q: r[q] for q in dev.qrels if q in r} for r in (result_run, other)]
-            result_run = fuse_runs(runs, fusion, k, dev_runs, dev.qrels if dev else None, [model, fuse])
+                dev_runs = [{q: r[q] for q in dev.qrels if q in r} for r in runs]
+                runs = [{q: r[q] for q in gold if q in r} for r in runs]
+            names = ["dense", "full-text"] if hybrid else [model, fuse]
+            result_run = fuse_runs(runs, fusion, k, dev_runs, dev.qrels if dev else None, names)
     if save_run:
         write_run(save_run, result_run)
     metrics = evaluate_run(gold, result_run, qrels or f"{dataset}/qrels/{split}.tsv")
     if output:
         write_json(output, metrics)
-    if model is not None and not fuse:
+    if model is not None and not fuse and index is None:
         from .card import evaluation_folder, record_evaluation
 
         folder = evaluation_folder(model)
