@@ -147,20 +147,23 @@ def run_to_end(cmd: Command, out: Path) -> None:
     cmd.check_exit(proc, offset, out)
 
 
-def run_killed(cmd: Command, out: Path, delay_s: float, ref_first_write_s: float | None = None) -> float | None:
+def run_killed(cmd: Command, out: Path, delay_s: float,
+               ref_first_write_s: float | None = None) -> tuple[float | None, float, float]:
     """Start the command on `out` and SIGKILL it `delay_s` after its start, or, given the reference's time to its
     first write, `delay_s` after this run's first write into `out`, scaled by how much slower or faster this run
-    got there (the machine's load changes the pace of the whole run). Returns the seconds from that point to the
-    kill when it hit the running process, None when the run had ended uninterrupted first."""
+    got there (the machine's load changes the pace of the whole run). Returns (the seconds from that point to the
+    kill when it hit the running process, None when the run had ended uninterrupted first; the seconds from that
+    point to the end; the scale applied)."""
     before = tree_stamp(out)
     point = "start" if ref_first_write_s is None else "first write"
     proc, offset = cmd.start(out, f"aiming {delay_s:.3f} s after the {point}, before scaling")
-    t0 = time.monotonic()
+    t0, scale = time.monotonic(), 1.0
     if ref_first_write_s is not None:
         while proc.poll() is None and tree_stamp(out) == before:
             time.sleep(POLL_S)
         now = time.monotonic()
-        delay_s *= min(3.0, max(1 / 3, (now - t0) / ref_first_write_s))
+        scale = min(3.0, max(1 / 3, (now - t0) / ref_first_write_s))
+        delay_s *= scale
         t0 = now
     try:
         proc.wait(timeout=max(0.0, t0 + delay_s - time.monotonic()))
@@ -172,9 +175,9 @@ def run_killed(cmd: Command, out: Path, delay_s: float, ref_first_write_s: float
         left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
         with cmd.log.open("a") as fh:
             fh.write(f"\n===== SIGKILL {at:.3f} s after the {point} (aimed at {delay_s:.3f} s), leaving {left}\n")
-        return at
+        return at, at, scale
     cmd.check_exit(proc, offset, out)  # a rerun must not fail on what a killed run left
-    return None
+    return None, time.monotonic() - t0, scale
 
 
 def stratified_fractions(rng: random.Random, k: int, top: float = 0.95) -> list[float]:
@@ -183,23 +186,31 @@ def stratified_fractions(rng: random.Random, k: int, top: float = 0.95) -> list[
 
 
 def kill_chains(cmd: Command, ref: Reference, rng: random.Random, wanted: int, progress: Callable[[Path], float],
-                from_start: bool = False, max_chains: int = 4, top: float = 0.95) -> list[Path]:
+                from_start: bool = False, max_chains: int = 6, top: float = 0.95) -> list[Path]:
     """Kill -> rerun chains until `wanted` kills hit, each chain closed by an uninterrupted run; returns their
     output folders. Run j of a chain aims at the moment f_j (`stratified_fractions`) of the reference's window,
     less the share of the work that the folder already holds (`progress`, measured before the run): it is
     killed (f_j - progress) * window after its first write (see `run_killed`), or with `from_start`, after its
-    start plus the reference's time to its first write."""
+    start plus the reference's time to its first write. A run that ends before its kill times the rest: the
+    machine's load may have changed since the reference, so later aims follow the pace that run kept."""
     hits, moments, folders = 0, MOMENTS.setdefault(cmd.name, []), []
+    pace = 1.0  # seconds of work now per second of the reference's, beyond what the first write's timing shows
     while hits < wanted and len(folders) < max_chains:
         out = cmd.root / f"{cmd.name}-chain{len(folders)}"
         folders.append(out)
         ended = False
         for f in stratified_fractions(rng, wanted - hits, top):
-            delay = max(0.0, f - progress(out)) * ref.window_s
+            done = progress(out)
+            delay = max(0.0, f - done) * ref.window_s * pace
             if from_start:
-                at = run_killed(cmd, out, ref.first_write_s + delay)
+                at, _, _ = run_killed(cmd, out, ref.first_write_s + delay)
             else:
-                at = run_killed(cmd, out, delay, ref.first_write_s)
+                at, span, scale = run_killed(cmd, out, delay, ref.first_write_s)
+                if at is None:
+                    expected = (ref.total_s - ref.first_write_s) * max(1.0 - done, 0.05) * scale
+                    pace = min(3.0, max(0.1, span / expected))
+                    with cmd.log.open("a") as fh:
+                        fh.write(f"\n===== ended {span:.3f} s after the first write: pace {pace:.3f}\n")
             if at is None:
                 ended = True  # this folder is finished: its remaining kills go to a fresh chain
                 break
