@@ -213,7 +213,7 @@ def _index(args: argparse.Namespace) -> None:
         if not args.dataset:
             raise Llama2VecError("--store lancedb needs --dataset: the BEIR folder whose passages the store holds")
         out = build_store(args.embeddings, args.dataset, args.output, args.index_type or "flat", args.float16,
-                          args.train_size, args.partitions, args.sub_vectors)
+                          args.train_size, args.partitions, args.sub_vectors, seed=args.seed)
         print(f"stored {args.embeddings} and the passages of {args.dataset} in the LanceDB store {out}")
         return
     given = [flag for flag, value in lance_only.items() if value]
@@ -469,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="With --store lancedb: the BEIR folder whose corpus.jsonl gives each passage's "
                                      "title, text and other fields.")
     p.add_argument("--index-type", choices=["flat", "ivf_pq", "hnsw"],
-                   help="With --store lancedb: the vector index (default flat: exact search).")
+                   help="With --store lancedb: the vector index (default flat: exact search; ivf_pq: lists and "
+                        "codes trained by FAISS on the --train-size sample; hnsw: LanceDB's IVF_HNSW_SQ).")
     p.add_argument("--float16", action="store_true", help="With --store lancedb: store the vectors in float16.")
     p.add_argument("--partitions", type=int, help="With --store lancedb: IVF lists (default: about sqrt(count)).")
     p.add_argument("--sub-vectors", type=int, help="With --store lancedb: PQ sub-vectors (default: dim / 16).")

@@ -3,8 +3,9 @@
 `build_store` writes a LanceDB database folder holding the table `passages`: `id`, `vector` (float32, or
 float16), `title`, `text` and every other field of the corpus lines (metadata such as a category, typed
 as the lines have them), streamed batch by batch from the embeddings' shards (memory flat in the corpus
-size), then the vector index (`flat`: none, exact search; `ivf_pq`; `hnsw`: LanceDB's IVF_HNSW_SQ) and
-full-text indexes on `title` and `text`. `meta.json` records the store, the embeddings' fingerprint and
+size), then the vector index (`flat`: none, exact search; `ivf_pq`: IVF lists and PQ codes trained by FAISS
+on the sample a FAISS folder trains on, see `train_ivf_pq`; `hnsw`: LanceDB's IVF_HNSW_SQ) and full-text
+indexes on `title` and `text`. `meta.json` records the store, the embeddings' fingerprint and
 the dimensions, as a FAISS folder's does, so `search`, `evaluate` and `serve` check queries against it the
 same way. The folder is written aside and moved into place when complete.
 
@@ -156,7 +157,7 @@ class Passages:
 
 def build_store(embeddings: str | Path, dataset: str | Path, output: str | Path, index_type: str = "flat",
                 float16: bool = False, train_size: int = 262_144, partitions: int | None = None,
-                sub_vectors: int | None = None, batch: int = 65_536) -> Path:
+                sub_vectors: int | None = None, batch: int = 65_536, seed: int = 0) -> Path:
     """Write the LanceDB store of an embeddings folder and its BEIR corpus (see the module's description)."""
     from .store import atomic_folder, write_json
 
@@ -165,18 +166,29 @@ def build_store(embeddings: str | Path, dataset: str | Path, output: str | Path,
         raise Llama2VecError(f"unknown --index-type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
     passages = Passages(embeddings, dataset, float16)
     count, dim = passages.emb.count, passages.emb.dim
+    if index_type == "ivf_pq":
+        partitions, sub_vectors = ivf_pq_shape(count, dim, partitions, sub_vectors)
+    hnsw = hnsw_index(count, train_size, partitions) if index_type == "hnsw" else None
     with atomic_folder(output) as tmp:
         table = db_module.connect(tmp).create_table(TABLE, data=passages.reader(f"storing {Path(output).name}",
                                                                                  batch))
-        config = vector_index(index_type, count, dim, train_size, partitions, sub_vectors)
-        if config is not None:
-            table.create_index("vector", config=config)
+        metric = "dot"
+        if index_type == "ivf_pq":
+            centroids, codebook, metric = train_ivf_pq(passages.emb, partitions, sub_vectors, train_size, seed)
+            if float16:  # LanceDB takes them in the column's type
+                centroids, codebook = centroids.astype(np.float16), codebook.astype(np.float16)
+            table.to_lance().create_index("vector", "IVF_PQ", metric=metric, num_partitions=partitions,
+                                          num_sub_vectors=sub_vectors, ivf_centroids=centroids, pq_codebook=codebook)
+            table.checkout_latest()
+        elif hnsw is not None:
+            table.create_index("vector", config=hnsw)
         from lancedb.index import FTS
 
         for column in FTS_COLUMNS:
             table.create_index(column, config=FTS())
         write_json(tmp / "meta.json", {"store": STORE, "table": TABLE, "count": count, "dim": dim,
-                                       "index_type": index_type, "vector_dtype": "float16" if float16 else "float32",
+                                       "index_type": index_type, "metric": metric,
+                                       "vector_dtype": "float16" if float16 else "float32",
                                        "fields": {k: str(v) for k, v in passages.fields.items()},
                                        "embeddings": passages.fingerprint})
     return Path(output)
@@ -228,24 +240,52 @@ def update_store(folder: str | Path, add: str | Path | None = None, dataset: str
     return done
 
 
-def vector_index(index_type: str, count: int, dim: int, train_size: int, partitions: int | None,
-                 sub_vectors: int | None):
-    """LanceDB's vector index config for `index_type` (None for flat): `partitions` IVF lists (default about
-    the square root of the count), PQ of `sub_vectors` (default dim / 16), trained on about `train_size` rows."""
-    if index_type == "flat":
-        return None
-    from lancedb.index import HnswSq, IvfPq
-
+def _partitions(count: int, partitions: int | None) -> int:
     partitions = partitions or max(1, int(round(count ** 0.5)))
     if not 1 <= partitions <= count:
         raise Llama2VecError(f"--partitions must be in 1..{count} (the passages), got {partitions}")
+    return partitions
+
+
+def hnsw_index(count: int, train_size: int, partitions: int | None):
+    """LanceDB's IVF_HNSW_SQ config: `partitions` IVF lists (default about the square root of the count), trained
+    on about `train_size` rows."""
+    from lancedb.index import HnswSq
+
+    partitions = _partitions(count, partitions)
     sample_rate = max(1, -(-min(train_size, count) // partitions))  # LanceDB trains on partitions x this rows
-    if index_type == "hnsw":
-        return HnswSq(distance_type="dot", num_partitions=partitions, sample_rate=sample_rate)
+    return HnswSq(distance_type="dot", num_partitions=partitions, sample_rate=sample_rate)
+
+
+def ivf_pq_shape(count: int, dim: int, partitions: int | None, sub_vectors: int | None) -> tuple[int, int]:
+    """(IVF lists, PQ sub-vectors): by default about the square root of the count and dim / 16."""
+    partitions = _partitions(count, partitions)
     sub_vectors = sub_vectors or max(1, dim // 16)
     if dim % sub_vectors:
         raise Llama2VecError(f"--sub-vectors must divide the dimensions ({dim}), got {sub_vectors}")
-    return IvfPq(distance_type="dot", num_partitions=partitions, num_sub_vectors=sub_vectors, sample_rate=sample_rate)
+    if count < 256:
+        raise Llama2VecError(f"IVF-PQ trains 256 codes per sub-vector: it needs at least 256 passages, got {count}")
+    return partitions, sub_vectors
+
+
+def train_ivf_pq(emb, partitions: int, sub_vectors: int, train_size: int, seed: int = 0):
+    """(IVF centroids, PQ codebook (sub_vectors, 256, dim / sub_vectors), LanceDB metric) trained by FAISS on the
+    seeded sample that a FAISS folder trains on (`Embeddings.sample`), so that the store's lists and codes are
+    those of FAISS's `IVF{partitions},PQ{sub_vectors}`. Unit vectors (llama2vec's) are indexed for squared L2,
+    which ranks them as inner products do, with the residuals' PQ that FAISS uses; other vectors for the inner
+    product, with a PQ of the vectors themselves (LanceDB's dot index codes no residuals)."""
+    import faiss
+
+    sample = emb.sample(train_size, seed)
+    unit = bool(np.abs(np.linalg.norm(sample, axis=1) - 1.0).max() < 1e-3)
+    index = faiss.index_factory(sample.shape[1], f"IVF{partitions},PQ{sub_vectors}",
+                                faiss.METRIC_L2 if unit else faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.by_residual = unit
+    index.train(np.ascontiguousarray(sample))
+    centroids = ivf.quantizer.reconstruct_n(0, partitions)
+    codebook = faiss.vector_to_array(ivf.pq.centroids).reshape(sub_vectors, ivf.pq.ksub, ivf.pq.dsub)
+    return centroids, codebook, "l2" if unit else "dot"
 
 
 def open_table(folder: str | Path):
@@ -308,12 +348,13 @@ def search_store(folder: str | Path, queries: np.ndarray, k: int, where: str | N
     else:
         meta = json.loads((Path(folder) / "meta.json").read_text())
     dtype = np.float16 if meta.get("vector_dtype") == "float16" else np.float32
+    metric = meta.get("metric", "dot")
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
     hits: list[list[str]] = [[] for _ in range(len(queries))]
     for start in range(0, len(queries), batch):
         block = np.asarray(queries[start: start + batch], dtype=dtype)
         query = table.search(list(block) if len(block) > 1 else block[0], vector_column_name="vector")
-        query = query.distance_type("dot").limit(k).select(["id", "_distance"])
+        query = query.distance_type(metric).limit(k).select(["id", "_distance"])
         if where:
             query = query.where(where, prefilter=True)
         if nprobes:
@@ -321,10 +362,15 @@ def search_store(folder: str | Path, queries: np.ndarray, k: int, where: str | N
         result = query.to_arrow()
         rows = result["query_index"].to_numpy() if "query_index" in result.column_names else np.zeros(
             result.num_rows, dtype=np.int64)
-        distances = result["_distance"].to_numpy()
-        for q, doc, distance in zip(rows, result["id"].to_pylist(), distances):
+        distances = result["_distance"].to_numpy().astype(np.float64)
+        if metric == "l2":  # squared L2 to unit passages: |q|^2 + 1 - 2 q.p
+            norms = (np.asarray(block, dtype=np.float64) ** 2).sum(axis=1)
+            inner = (norms[rows] + 1.0 - distances) / 2.0
+        else:  # LanceDB's dot distance is 1 - the inner product
+            inner = 1.0 - distances
+        for q, doc, score in zip(rows, result["id"].to_pylist(), inner):
             i = start + int(q)
-            scores[i, len(hits[i])] = 1.0 - float(distance)  # LanceDB's dot distance is 1 - the inner product
+            scores[i, len(hits[i])] = score
             hits[i].append(doc)
     return scores, hits
 
