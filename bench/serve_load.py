@@ -116,6 +116,7 @@ async def load(url: str, route: str, make_body, count, clients: int, seconds: fl
     served: list[float] = []
     refused: list[float] = []
     done = errors = 0
+    kinds: dict[str, int] = {}  # what the errors were: an exception's name, or the status and a bit of the body
     budget = max_requests
     deadline = time.monotonic() + seconds
 
@@ -127,8 +128,9 @@ async def load(url: str, route: str, make_body, count, clients: int, seconds: fl
             began = time.perf_counter()
             try:
                 r = await http.post(route, json=body)
-            except httpx.HTTPError:
+            except httpx.HTTPError as e:
                 errors += 1
+                kinds[type(e).__name__] = kinds.get(type(e).__name__, 0) + 1
                 continue
             took = time.perf_counter() - began
             if r.status_code == 503 and "retry-after" in r.headers:
@@ -139,6 +141,8 @@ async def load(url: str, route: str, make_body, count, clients: int, seconds: fl
                 done += count(body, r.json())
             else:
                 errors += 1
+                kind = f"{r.status_code} {r.text[:120]}"
+                kinds[kind] = kinds.get(kind, 0) + 1
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=900) as http:
@@ -149,7 +153,7 @@ async def load(url: str, route: str, make_body, count, clients: int, seconds: fl
     return {"served": len(served), "refused": len(refused), "units": done, "seconds": elapsed,
             "rate": done / elapsed, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
             "refused_p99": float(np.percentile(np.array(refused) * 1000, 99)) if refused else None,
-            "errors": errors}
+            "errors": errors, "error_kinds": kinds}
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -356,7 +357,68 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote the {args.format} folder {out}: SentenceTransformer({str(out)!r}, trust_remote_code=True) opens it")
 
 
-def _add_backend(p: argparse.ArgumentParser) -> None:
+class HelpFormatter(argparse.HelpFormatter):
+    """The help of every llama2vec command: an option's default is added to its help text unless the text
+    already speaks of it; in descriptions and epilogs, indented lines (the examples) are kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS or default == []
+                or "default" in text.lower()):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            if not line.strip() or line[0].isspace():
+                lines.append(indent + line if line.strip() else "")
+            else:
+                lines.extend(textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=indent))
+        return "\n".join(lines)
+
+
+def _command(sub: argparse._SubParsersAction, name: str, summary: str, description: str,
+             *examples: str) -> argparse.ArgumentParser:
+    """Subcommand `name`: `summary` is its line in `llama2vec --help`, `description` opens its own help and
+    `examples` (command lines) close it."""
+    epilog = ("examples:" if len(examples) > 1 else "example:") + "".join(f"\n  {e}" for e in examples)
+    return sub.add_parser(name, help=summary, description=description, epilog=epilog,
+                          formatter_class=HelpFormatter)
+
+
+# adapt's and finetune's options come from add_flags, a section per config class named after it ("data",
+# "train", ...); they are shown under these titles, some of them moved to the sections named here, in this order.
+CONFIG_TITLES = {"data": "input", "pretext": "pretext tasks", "contrastive": "contrastive loss",
+                 "train": "training", "finetunetrain": "training"}
+CONFIG_MOVES = {"input": ("--train", "--max-examples"),
+                "training": ("--full",),
+                "distributed": ("--fsdp", "--fsdp-offload"),
+                "output": ("--output", "--overwrite", "--resume", "--logging-steps", "--save-steps",
+                           "--save-total-limit")}
+CONFIG_ORDER = ("input", "model", "prompt", "pretext tasks", "contrastive loss", "training", "distributed",
+                "output", "dry run")
+
+
+def _arrange_config_sections(p: argparse.ArgumentParser) -> None:
+    """Retitle, regroup and order the help sections of the config flags (parsing is not affected)."""
+    for group in p._action_groups:
+        group.title = CONFIG_TITLES.get(group.title, group.title)
+        for action in group._group_actions:  # add_flags writes "(default: None)" for options unset by default
+            action.help = (action.help or "").removesuffix(" (default: None)")
+    for title, flags in CONFIG_MOVES.items():
+        target = next((g for g in p._action_groups if g.title == title), None) or p.add_argument_group(title)
+        for action in [p._option_string_actions[f] for f in flags if f in p._option_string_actions]:
+            for group in p._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            target._group_actions.append(action)
+    p._action_groups.sort(key=lambda g: CONFIG_ORDER.index(g.title) if g.title in CONFIG_ORDER else -1)
+
+
+def _add_backend(p: argparse._ActionsContainer) -> None:
     from .config import BACKENDS
 
     p.add_argument("--backend", choices=BACKENDS, default="torch",
@@ -365,255 +427,357 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
                         "CPU encoding with int8 weights through ONNX Runtime (exported once, cached).")
 
 
+DEVICE_HELP = "auto (a GPU if there is one, else the CPU), cpu, cuda or cuda:N."
+PARAMS_HELP = "FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW); for a LanceDB store, nprobes=N."
+
+EPILOG = """\
+the usual order of the commands:
+  data -> adapt -> [mine ->] finetune -> encode -> index -> search / evaluate -> export / serve
+
+  llama2vec data wiki --output runs/wiki.jsonl
+  llama2vec data bbc --output runs/bbc
+  llama2vec adapt --corpus runs/wiki.jsonl --output runs/adapted --max-steps 200
+  llama2vec finetune --model runs/adapted --train runs/bbc/train.jsonl --output runs/ft
+  llama2vec encode --model runs/ft --dataset runs/bbc --output runs/emb/corpus
+  llama2vec index --embeddings runs/emb/corpus --output runs/index
+  llama2vec evaluate --model runs/ft --dataset runs/bbc --index runs/index
+
+the main job, every stage on the bundled defaults:
+  llama2vec demo --preset quick
+
+A command's options and examples: llama2vec COMMAND --help."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama2vec", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="llama2vec", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="Show every log record, other libraries' DEBUG and INFO included (by default the "
                              "console shows llama2vec's own messages and other libraries' errors only).")
     parser.add_argument("--log-file", default=None,
                         help="Also write log records to this file, other libraries' included (they then leave the "
                              "console but for errors). The demo keeps one in its output folder: llama2vec.log.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands")
 
-    p = sub.add_parser("data", help="Write the embedded default data sets.")
+    p = _command(sub, "data", "Write a bundled data set, or the adaptation pairs of a corpus.",
+                 "Write one of the bundled data sets (wiki: a Wikipedia sample as JSONL; bbc, lee: retrieval tasks "
+                 "as BEIR folders), or (chunk) cut a corpus into the pair cache that adapt --pairs reads.",
+                 "llama2vec data wiki --output runs/wiki.jsonl",
+                 "llama2vec data bbc --output runs/bbc",
+                 "llama2vec data chunk --corpus runs/wiki.jsonl --output runs/wiki-pairs --workers 2")
     p.add_argument("dataset", choices=["wiki", "bbc", "lee", "chunk"],
                    help="wiki: the Wikipedia sample bundled in gensim, as JSONL; bbc: the BBC News retrieval "
                         "task as a BEIR folder with train.jsonl; lee: an out-of-domain task (ABC news, "
                         "opening sentence -> rest of the story; dev and test only); chunk: the adaptation pairs of "
                         "--corpus, made ahead of training (adapt --pairs), in parallel with --workers.")
-    p.add_argument("--output", required=True, help="Output file (wiki: JSONL) or folder (bbc, lee, chunk).")
-    p.add_argument("--negatives", type=int, default=15, help="bbc: BM25 hard negatives per training query.")
-    p.add_argument("--corpus", help="chunk: the corpus (JSONL, .txt or .parquet).")
-    p.add_argument("--model", default="smollm2", help="chunk: the model whose tokenizer cuts the chunks.")
-    p.add_argument("--prompt-preset", default="llara", help="chunk: the prompt preset of the adapt run.")
-    p.add_argument("--chunk-tokens", type=int, default=128, help="chunk: target tokens per chunk (adapt's "
-                                                                "--max-length).")
-    p.add_argument("--min-chunk-tokens", type=int, default=16, help="chunk: shorter chunks are dropped.")
-    p.add_argument("--max-documents", type=int, default=None, help="chunk: read at most this many documents.")
-    p.add_argument("--workers", type=int, default=1, help="chunk: processes that chunk in parallel.")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True, help="Output file (wiki: JSONL) or folder (bbc, lee, chunk).")
+    g = p.add_argument_group("bbc", "Options of data bbc.")
+    g.add_argument("--negatives", type=int, default=15, help="BM25 hard negatives per training query.")
+    g = p.add_argument_group("chunk", "Options of data chunk.")
+    g.add_argument("--corpus", help="The corpus (JSONL, .txt or .parquet).")
+    g.add_argument("--model", default="smollm2", help="The model whose tokenizer cuts the chunks.")
+    g.add_argument("--prompt-preset", default="llara", help="The prompt preset of the adapt run.")
+    g.add_argument("--chunk-tokens", type=int, default=128, help="Target tokens per chunk (adapt's --max-length).")
+    g.add_argument("--min-chunk-tokens", type=int, default=16, help="Shorter chunks are dropped.")
+    g.add_argument("--max-documents", type=int, default=None, help="Read at most this many documents.")
+    g.add_argument("--workers", type=int, default=1, help="Processes that chunk in parallel.")
     p.set_defaults(func=_data)
 
-    p = sub.add_parser("adapt", help="Unsupervised Llama2Vec adaptation (EBAE + EBAR) of a causal LM.",
-                       description="Adapt a causal LM with the EBAE and EBAR pretext tasks in one joint pass. "
-                                   "Every option can also come from a YAML file given with --config.")
+    p = _command(sub, "adapt", "Adapt a causal LM into an embedding model (EBAE + EBAR, unsupervised).",
+                 "Adapt a causal LM with the EBAE and EBAR pretext tasks in one joint pass. Every option can also "
+                 "come from a YAML file given with --config.",
+                 "llama2vec adapt --model smollm2 --corpus runs/wiki.jsonl --output runs/adapted --max-steps 200",
+                 "llama2vec adapt --config configs/paper/adapt-llama2-7b.yaml --fsdp --dry-run --plan-gpus 8 "
+                 "--plan-gpu-memory 80")
     add_flags(p, ModelConfig, PromptConfig, PretextConfig, DataConfig, TrainConfig)
     p.add_argument("--full", dest="lora", action="store_false", default=argparse.SUPPRESS,
                    help="Train all weights (the default for adapt); the opposite of --lora.")
     _add_plan_flags(p)
+    _arrange_config_sections(p)
     p.set_defaults(func=_adapt)
 
-    p = sub.add_parser("finetune", help="Contrastive fine-tuning for retrieval (InfoNCE).",
-                       description="Fine-tune a llama2vec model or any causal LM on training JSONL with InfoNCE "
-                                   "over hard, in-batch and cross-process negatives. Every option can also come "
-                                   "from a YAML file given with --config.")
+    p = _command(sub, "finetune", "Fine-tune a model for retrieval with a contrastive loss (InfoNCE).",
+                 "Fine-tune a llama2vec model or any causal LM on training JSONL with InfoNCE over hard, in-batch "
+                 "and cross-process negatives. Every option can also come from a YAML file given with --config.",
+                 "llama2vec finetune --model runs/adapted --train runs/bbc/train.jsonl --output runs/ft "
+                 "--max-steps 100")
     add_flags(p, *FINETUNE_CONFIGS)
     p.add_argument("--full", dest="lora", action="store_false", default=argparse.SUPPRESS,
                    help="Train all weights instead of LoRA adapters.")
     _add_plan_flags(p)
+    _arrange_config_sections(p)
     p.set_defaults(func=_finetune)
 
-    p = sub.add_parser("mine", help="Mine hard negatives with BM25 or a dense model.")
-    p.add_argument("--train", help="Training JSONL whose negatives are replaced.")
-    p.add_argument("--dataset", help="BEIR folder (instead of --train).")
-    p.add_argument("--split", default="train", help="Split of --dataset.")
-    p.add_argument("--corpus", help="With --train: a corpus.jsonl of candidates (default: the file's passages).")
-    p.add_argument("--method", choices=["bm25", "dense"], default="bm25")
-    p.add_argument("--model", help="Model for --method dense.")
-    p.add_argument("--negatives", type=int, default=15, help="Negatives per query.")
-    p.add_argument("--rank-range", type=int, nargs=2, default=[10, 100], metavar=("LOW", "HIGH"),
+    p = _command(sub, "mine", "Mine hard negatives for finetune with BM25 or a dense model.",
+                 "Write training JSONL for finetune whose negatives are passages ranked high for each query by "
+                 "BM25 or a dense model, positives left out, from a BEIR split or from a training file.",
+                 "llama2vec mine --dataset runs/bbc --split train --output runs/mined.jsonl",
+                 "llama2vec mine --dataset runs/bbc --method dense --model runs/ft --output runs/mined.jsonl")
+    g = p.add_argument_group("input", "Give --train or --dataset.")
+    g.add_argument("--train", help="Training JSONL whose negatives are replaced.")
+    g.add_argument("--dataset", help="BEIR folder (instead of --train).")
+    g.add_argument("--split", default="train", help="Split of --dataset.")
+    g.add_argument("--corpus", help="With --train: a corpus.jsonl of candidates (default: the file's passages).")
+    g = p.add_argument_group("mining")
+    g.add_argument("--method", choices=["bm25", "dense"], default="bm25",
+                   help="Rank the candidates by BM25 or by the embeddings of --model.")
+    g.add_argument("--negatives", type=int, default=15, help="Negatives per query.")
+    g.add_argument("--rank-range", type=int, nargs=2, default=[10, 100], metavar=("LOW", "HIGH"),
                    help="Sample from these ranks (1-based, inclusive) after removing positives.")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--output", required=True, help="Training JSONL to write.")
+    g.add_argument("--seed", type=int, default=0, help="Seed of the sampling of negatives.")
+    g = p.add_argument_group("model", "With --method dense.")
+    g.add_argument("--model", help="Model for --method dense.")
+    g.add_argument("--batch-size", type=int, default=16, help="Texts encoded per forward pass.")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True, help="Training JSONL to write.")
     p.set_defaults(func=_mine)
 
-    p = sub.add_parser("encode", help="Encode a corpus or queries into an embeddings folder, streamed shard by "
-                                      "shard; under torchrun, or as --num-shards jobs, or on Ray, split by shard.")
-    p.add_argument("--model", help="llama2vec model folder, causal LM, or 'smollm2'.")
-    p.add_argument("--dataset", help="BEIR folder.")
-    p.add_argument("--split", default="test", help="Split whose queries are encoded.")
-    p.add_argument("--what", choices=["corpus", "queries"], default="corpus")
-    p.add_argument("--input", help="JSONL ({_id, text[, title]} per line) or Parquet (text[, title, id]) instead "
+    p = _command(sub, "encode", "Encode a corpus or queries into an embeddings folder, shard by shard.",
+                 "Encode the passages or queries of a BEIR folder, or the texts of a JSONL or Parquet file, into "
+                 "an embeddings folder, streamed shard by shard. The shards can be split between the processes "
+                 "of torchrun, between --num-shards jobs, or between Ray actors; an interrupted run resumes.",
+                 "llama2vec encode --model runs/ft --dataset runs/bbc --what queries --split test --output "
+                 "runs/emb/test",
+                 "llama2vec encode --model runs/ft --input runs/bbc/corpus.jsonl --output runs/bbc-emb")
+    g = p.add_argument_group("input", "Give --dataset or --input.")
+    g.add_argument("--dataset", help="BEIR folder.")
+    g.add_argument("--what", choices=["corpus", "queries"], default="corpus",
+                   help="corpus: encode the texts as passages (with --dataset: its corpus.jsonl); queries: as "
+                        "queries, with the query prompt (with --dataset: the queries of --split).")
+    g.add_argument("--split", default="test", help="Split whose queries are encoded.")
+    g.add_argument("--input", help="JSONL ({_id, text[, title]} per line) or Parquet (text[, title, id]) instead "
                                    "of --dataset.")
-    p.add_argument("--output", required=True, help="Embeddings folder: shards/, ids.txt, meta.json (the manifest).")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=1024,
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="llama2vec model folder, causal LM, or 'smollm2'.")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP + " Under torchrun, auto is the GPU of LOCAL_RANK.")
+    g.add_argument("--batch-size", type=int, default=16, help="Texts encoded per forward pass.")
+    _add_backend(g)
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True, help="Embeddings folder: shards/, ids.txt, meta.json (the manifest).")
+    g.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="Data type of the stored embeddings.")
+    g.add_argument("--shard-size", type=int, default=1024,
                    help="Texts per shard: the unit of work of a process and of resuming.")
-    p.add_argument("--num-shards", type=int, help="Split the shards over this many jobs (a SLURM array, "
-                                                  "Kubernetes jobs) writing into one --output ...")
-    p.add_argument("--shard-index", type=int, help="... of which this is job i (0-based).")
-    p.add_argument("--merge", action="store_true",
-                   help="Complete --output once every job's shards are written (the last job does it too).")
-    p.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="ray: encoder actors in a Ray Data pipeline (pip install 'llama2vec[ray]').")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: a local Ray instance).")
-    p.add_argument("--ray-actors", type=int, help="Encoder actors (default: one per GPU in the cluster, else 1).")
-    p.add_argument("--overwrite", action="store_true",
+    g.add_argument("--overwrite", action="store_true",
                    help="Encode again into an --output that holds embeddings made from other inputs or options.")
-    p.add_argument("--device", default="auto", help="auto: under torchrun, the GPU of LOCAL_RANK.")
-    _add_backend(p)
+    g = p.add_argument_group("distributed", "Without these, the processes of torchrun share the shards.")
+    g.add_argument("--num-shards", type=int, help="Split the shards over this many jobs (a SLURM array, "
+                                                  "Kubernetes jobs) writing into one --output ...")
+    g.add_argument("--shard-index", type=int, help="... of which this is job i (0-based).")
+    g.add_argument("--merge", action="store_true",
+                   help="Complete --output once every job's shards are written (the last job does it too).")
+    g.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="ray: encoder actors in a Ray Data pipeline (pip install 'llama2vec[ray]').")
+    g.add_argument("--ray-address", help="Ray cluster to join (default: a local Ray instance).")
+    g.add_argument("--ray-actors", type=int, help="Encoder actors (default: one per GPU in the cluster, else 1).")
     p.set_defaults(func=_encode)
 
-    p = sub.add_parser("index", help="Build a FAISS index (or a LanceDB store) from an embeddings folder, shard by "
-                                     "shard.")
-    p.add_argument("--embeddings", help="The embeddings folder to index.")
-    p.add_argument("--output", required=True)
-    p.add_argument("--add", help="With --store lancedb: upsert the passages of this embeddings folder (their lines "
-                                 "in --dataset) into the store --output: a passage whose id is there replaces it.")
-    p.add_argument("--delete-ids", help="With --store lancedb: delete the passages whose ids this file lists (one a "
-                                        "line) from the store --output.")
-    p.add_argument("--store", choices=["faiss", "lancedb"], default="faiss",
+    p = _command(sub, "index", "Build a FAISS index or a LanceDB store from an embeddings folder.",
+                 "Index an embeddings folder shard by shard, without holding it in memory: a FAISS index folder, "
+                 "or a LanceDB store of the passages, their fields and vectors, which can later be updated.",
+                 "llama2vec index --embeddings runs/emb/corpus --output runs/index --factory HNSW32",
+                 "llama2vec index --store lancedb --embeddings runs/emb/corpus --dataset runs/bbc --output "
+                 "runs/bbc-store")
+    g = p.add_argument_group("input")
+    g.add_argument("--embeddings", help="The embeddings folder to index.")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True,
+                   help="The index folder to write; with --store lancedb, the store to write or update.")
+    g.add_argument("--store", choices=["faiss", "lancedb"], default="faiss",
                    help="faiss: a FAISS index folder; lancedb: a LanceDB table of the passages, their fields and "
                         "vectors, with vector and full-text indexes (needs --dataset).")
-    p.add_argument("--dataset", help="With --store lancedb: the BEIR folder whose corpus.jsonl gives each passage's "
-                                     "title, text and other fields.")
-    p.add_argument("--index-type", choices=["flat", "ivf_pq", "hnsw"],
-                   help="With --store lancedb: the vector index (default flat: exact search; ivf_pq: lists and "
-                        "codes trained by FAISS on the --train-size sample; hnsw: LanceDB's IVF_HNSW_SQ).")
-    p.add_argument("--float16", action="store_true", help="With --store lancedb: store the vectors in float16.")
-    p.add_argument("--partitions", type=int, help="With --store lancedb: IVF lists (default: about sqrt(count)).")
-    p.add_argument("--sub-vectors", type=int, help="With --store lancedb: PQ sub-vectors (default: dim / 16).")
-    p.add_argument("--factory", default="Flat", help="FAISS index factory string: Flat (exact), HNSW32, IVF256,PQ16.")
-    p.add_argument("--train-size", type=int, default=262_144,
+    g = p.add_argument_group("index")
+    g.add_argument("--factory", default="Flat", help="FAISS index factory string: Flat (exact), HNSW32, IVF256,PQ16.")
+    g.add_argument("--train-size", type=int, default=262_144,
                    help="Rows (a seeded sample) that IVF, PQ and PCA are trained on.")
-    p.add_argument("--pca", type=int, help="Reduce to this many dimensions first (a FAISS PCA matrix).")
-    p.add_argument("--parts", type=int, default=1,
+    g.add_argument("--pca", type=int, help="Reduce to this many dimensions first (a FAISS PCA matrix).")
+    g.add_argument("--parts", type=int, default=1,
                    help="Write this many index parts (consecutive shards each), searched one at a time.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the training sample.")
-    p.add_argument("--faiss-gpu", action="store_true", help="Train IVF on the GPUs (faiss-gpu).")
+    g.add_argument("--seed", type=int, default=0, help="Seed of the training sample.")
+    g.add_argument("--faiss-gpu", action="store_true", help="Train IVF on the GPUs (faiss-gpu).")
+    g = p.add_argument_group("LanceDB store", "Options of --store lancedb.")
+    g.add_argument("--dataset", help="The BEIR folder whose corpus.jsonl gives each passage's title, text and other "
+                                     "fields.")
+    g.add_argument("--index-type", choices=["flat", "ivf_pq", "hnsw"],
+                   help="The vector index (default flat: exact search; ivf_pq: lists and codes trained by FAISS on "
+                        "the --train-size sample; hnsw: LanceDB's IVF_HNSW_SQ).")
+    g.add_argument("--float16", action="store_true", help="Store the vectors in float16.")
+    g.add_argument("--partitions", type=int, help="IVF lists (default: about sqrt(count)).")
+    g.add_argument("--sub-vectors", type=int, help="PQ sub-vectors (default: dim / 16).")
+    g.add_argument("--add", help="Upsert the passages of this embeddings folder (their lines in --dataset) into the "
+                                 "store --output: a passage whose id is there replaces it.")
+    g.add_argument("--delete-ids", help="Delete the passages whose ids this file lists (one a line) from the store "
+                                        "--output.")
     p.set_defaults(func=_index)
 
-    p = sub.add_parser("search", help="Search index folders (merged by top-k) and write a TREC run.")
-    p.add_argument("--index", required=True, nargs="+", help="One or more index folders (shards).")
-    p.add_argument("--queries", help="Embeddings folder of the queries (--mode dense and hybrid).")
-    p.add_argument("--mode", choices=["dense", "fts", "hybrid"], default="dense",
+    p = _command(sub, "search", "Search index folders or a LanceDB store and write a TREC run.",
+                 "Search the queries of an embeddings folder in one or more index folders (shards, merged by top "
+                 "k), or a LanceDB store by its vectors, its full-text index or both; other runs can be fused in.",
+                 "llama2vec search --index runs/index --queries runs/emb/test --k 100 --output runs/test.trec",
+                 "llama2vec search --index runs/bbc-store --mode hybrid --queries runs/emb/test --dataset runs/bbc "
+                 "--output runs/hybrid.trec")
+    g = p.add_argument_group("input")
+    g.add_argument("--index", required=True, nargs="+",
+                   help="One or more index folders (shards), or one LanceDB store.")
+    g.add_argument("--queries", help="Embeddings folder of the queries (--mode dense and hybrid).")
+    g.add_argument("--dataset", help="With --mode fts or hybrid: the BEIR folder of the query texts.")
+    g.add_argument("--split", default="test", help="With --dataset: the queries of this split (all without qrels).")
+    g = p.add_argument_group("search")
+    g.add_argument("--mode", choices=["dense", "fts", "hybrid"], default="dense",
                    help="A LanceDB store can also be searched by its full-text index (fts: the query texts of "
                         "--dataset) or both, fused by --fusion (hybrid).")
-    p.add_argument("--dataset", help="With --mode fts or hybrid: the BEIR folder of the query texts.")
-    p.add_argument("--split", default="test", help="With --dataset: the queries of this split (all without qrels).")
-    p.add_argument("--k", type=int, default=100)
-    p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW); for a "
-                                    "LanceDB store, nprobes=N.")
-    p.add_argument("--where", help="A LanceDB store only: an SQL filter on the passages' fields, e.g. "
+    g.add_argument("--k", type=int, default=100, help="Hits per query written to the run.")
+    g.add_argument("--params", help=PARAMS_HELP)
+    g.add_argument("--where", help="A LanceDB store only: an SQL filter on the passages' fields, e.g. "
                                    "\"category = 'sport'\".")
-    p.add_argument("--allow-model-mismatch", action="store_true",
+    g.add_argument("--allow-model-mismatch", action="store_true",
                    help="Search an index of another model's embeddings (refused otherwise).")
-    p.add_argument("--fuse-run", nargs="*", default=[], help="TREC runs to fuse with (see --fusion).")
+    g = p.add_argument_group("fusion")
+    g.add_argument("--fuse-run", nargs="*", default=[], help="TREC runs to fuse with (see --fusion).")
     order = "this index's run (--mode hybrid: the store's dense, then full-text run), then --fuse-run's"
-    p.add_argument("--fusion", default="rrf", help=FUSION_HELP.format(order=order, auto="--dev-runs and --dev-qrels"))
-    p.add_argument("--dev-runs", nargs="+", default=[],
+    g.add_argument("--fusion", default="rrf", help=FUSION_HELP.format(order=order, auto="--dev-runs and --dev-qrels"))
+    g.add_argument("--dev-runs", nargs="+", default=[],
                    help="With --fusion auto: TREC runs of the same systems on dev queries, this index's first, then "
                         "one per --fuse-run in order.")
-    p.add_argument("--dev-qrels", help="With --fusion auto: qrels of the dev queries.")
-    p.add_argument("--output", required=True, help="TREC run file.")
+    g.add_argument("--dev-qrels", help="With --fusion auto: qrels of the dev queries.")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True, help="TREC run file.")
     p.set_defaults(func=_search)
 
-    p = sub.add_parser("serve", help="Serve embeddings (OpenAI's API) and search over HTTP, with dynamic batching.",
-                       description="POST /v1/embeddings (OpenAI's schema, plus input_type: query or document), "
-                                   "POST /v1/search (with --index), GET /v1/models, /health and /metrics "
-                                   "(Prometheus). SIGTERM finishes the requests in flight, then exits.")
-    p.add_argument("--model", required=True, help="llama2vec model folder, causal LM, or 'smollm2'.")
-    p.add_argument("--index", help="Index folder (llama2vec index) that /v1/search searches.")
-    p.add_argument("--dataset", help="BEIR folder whose corpus.jsonl gives the titles and texts of the hits.")
-    p.add_argument("--allow-model-mismatch", action="store_true",
+    p = _command(sub, "serve", "Serve embeddings (OpenAI's API) and search over HTTP, with dynamic batching.",
+                 "Serve a model over HTTP: POST /v1/embeddings (OpenAI's schema, plus input_type: query or "
+                 "document), POST /v1/search (with --index), GET /v1/models, /health and /metrics (Prometheus). "
+                 "SIGTERM finishes the requests in flight, then exits.",
+                 "llama2vec serve --model runs/ft --index runs/index --dataset runs/bbc --port 8000")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="llama2vec model folder, causal LM, or 'smollm2'.")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
+    _add_backend(g)
+    g.add_argument("--auto-truncate", action="store_true",
+                   help="Cut texts longer than the model's limit (as encode does) instead of answering 400.")
+    g = p.add_argument_group("search", "What /v1/search searches and returns.")
+    g.add_argument("--index", help="Index folder (llama2vec index) that /v1/search searches.")
+    g.add_argument("--dataset", help="BEIR folder whose corpus.jsonl gives the titles and texts of the hits.")
+    g.add_argument("--allow-model-mismatch", action="store_true",
                    help="Serve search over an index of another model's embeddings (refused otherwise).")
-    p.add_argument("--resident", action="store_true",
+    g.add_argument("--resident", action="store_true",
                    help="Read the index parts whole into memory (default: memory-mapped, the page cache holding "
                         "what searches touch).")
-    p.add_argument("--params", help="FAISS search parameters, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW); for a "
-                                    "LanceDB store, nprobes=N.")
-    p.add_argument("--refresh-seconds", type=float, default=10.0,
+    g.add_argument("--params", help=PARAMS_HELP)
+    g.add_argument("--refresh-seconds", type=float, default=10.0,
                    help="With a LanceDB store as --index: check out its latest committed version at most this often.")
-    p.add_argument("--max-hits", type=int, default=100_000,
+    g.add_argument("--max-hits", type=int, default=100_000,
                    help="Queries x k of one /v1/search request at most; more gets 400.")
-    p.add_argument("--max-response-mb", type=float, default=32.0,
+    g.add_argument("--max-response-mb", type=float, default=32.0,
                    help="The hits' titles and texts of one /v1/search response at most; more gets 400.")
-    p.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' (default: $LLAMA2VEC_API_KEY, else none).")
-    p.add_argument("--device", default="auto")
-    _add_backend(p)
-    p.add_argument("--max-batch-tokens", type=int, default=8192,
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on.")
+    g.add_argument("--api-key", help="Require 'Authorization: Bearer KEY' (default: $LLAMA2VEC_API_KEY, else none).")
+    g.add_argument("--max-request-mb", type=float, default=16.0, help="Request bodies over this get 413.")
+    g.add_argument("--drain-seconds", type=float, default=60.0,
+                   help="After SIGTERM, how long requests in flight may take to finish.")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch-tokens", type=int, default=8192,
                    help="Padded tokens (prompt included) a forward takes at most; the requests queued when the "
                         "encoder is free are encoded together, up to four forwards' worth, sorted by length.")
-    p.add_argument("--max-wait-ms", type=float, default=10.0,
+    g.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="How long the oldest queued request waits for others to join its batch.")
-    p.add_argument("--max-queue", type=int, default=8192,
+    g.add_argument("--max-queue", type=int, default=8192,
                    help="Texts queued or being encoded at most; beyond that requests get 503 (at least 2048).")
-    p.add_argument("--max-queue-seconds", type=float, default=30.0,
+    g.add_argument("--max-queue-seconds", type=float, default=30.0,
                    help="Admit a request only while the queued work is expected to take at most this long (at the "
                         "rate the server measures); the rest get 503 at once, with Retry-After.")
-    p.add_argument("--max-request-mb", type=float, default=16.0, help="Request bodies over this get 413.")
-    p.add_argument("--auto-truncate", action="store_true",
-                   help="Cut texts longer than the model's limit (as encode does) instead of answering 400.")
-    p.add_argument("--no-batching", action="store_true",
+    g.add_argument("--no-batching", action="store_true",
                    help="One forward per request: no dynamic batching (for comparison).")
-    p.add_argument("--drain-seconds", type=float, default=60.0,
-                   help="After SIGTERM, how long requests in flight may take to finish.")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("evaluate", help="Metrics of a run, or of a system end to end on a BEIR split.")
-    p.add_argument("--run", help="TREC run file (with --qrels).")
-    p.add_argument("--qrels", help="BEIR qrels TSV or TREC qrels.")
-    p.add_argument("--model", help="bm25, minilm, a sentence-transformers folder, a llama2vec folder or causal LM.")
-    p.add_argument("--dataset", help="BEIR folder.")
-    p.add_argument("--split", default="test")
-    p.add_argument("--k", type=int, default=1000, help="Depth of the retrieved ranking.")
-    p.add_argument("--fuse", help="A second system fused with --model (e.g. bm25; see --fusion).")
-    p.add_argument("--fusion", default="rrf", help=FUSION_HELP.format(order="--model, --fuse",
-                                                                      auto="--dev-split of --dataset"))
-    p.add_argument("--dev-split", help="With --fusion auto: the split of --dataset the fusion is chosen on (e.g. "
-                                       "dev); it is then applied unchanged to --split.")
-    p.add_argument("--index", help="Search the queries in this FAISS index folder or LanceDB store (built from "
+    p = _command(sub, "evaluate", "Metrics of a run, or of a system end to end on a BEIR split.",
+                 "Compute nDCG@10, MRR@10, recall@100, recall@1000 and MAP of a TREC run against qrels, or of a "
+                 "system (BM25, a dense model, an index, a fusion) on the queries of a BEIR split.",
+                 "llama2vec evaluate --run runs/test.trec --qrels runs/bbc/qrels/test.tsv --output runs/metrics.json",
+                 "llama2vec evaluate --model runs/ft --dataset runs/bbc --split test --fuse bm25")
+    g = p.add_argument_group("input", "Give --run and --qrels, or --model and --dataset.")
+    g.add_argument("--run", help="TREC run file (with --qrels).")
+    g.add_argument("--qrels", help="BEIR qrels TSV or TREC qrels.")
+    g.add_argument("--dataset", help="BEIR folder.")
+    g.add_argument("--split", default="test", help="Split of --dataset whose queries and qrels are evaluated.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="bm25, minilm, a sentence-transformers folder, a llama2vec folder or causal LM.")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
+    g.add_argument("--batch-size", type=int, default=16, help="Texts encoded per forward pass.")
+    _add_backend(g)
+    g = p.add_argument_group("search")
+    g.add_argument("--k", type=int, default=1000, help="Depth of the retrieved ranking.")
+    g.add_argument("--index", help="Search the queries in this FAISS index folder or LanceDB store (built from "
                                    "--model's embeddings of --dataset's corpus) rather than exactly over the corpus "
                                    "encoded anew.")
-    p.add_argument("--mode", choices=["dense", "fts", "hybrid"], default="dense",
+    g.add_argument("--mode", choices=["dense", "fts", "hybrid"], default="dense",
                    help="With a LanceDB store as --index: dense (--model's query embeddings), fts (its full-text "
                         "index, no model), hybrid (both, fused by --fusion).")
-    p.add_argument("--where", help="With a LanceDB store as --index: an SQL filter on its fields.")
-    p.add_argument("--params", help="With --index: search parameters, e.g. nprobe=16 (FAISS IVF), efSearch=128 "
+    g.add_argument("--where", help="With a LanceDB store as --index: an SQL filter on its fields.")
+    g.add_argument("--params", help="With --index: search parameters, e.g. nprobe=16 (FAISS IVF), efSearch=128 "
                                     "(FAISS HNSW), nprobes=16 (a store's IVF).")
-    p.add_argument("--allow-model-mismatch", action="store_true",
+    g.add_argument("--allow-model-mismatch", action="store_true",
                    help="Search --index with --model's queries even though the index holds another model's "
                         "embeddings.")
-    p.add_argument("--save-run", help="Also write the system's TREC run here.")
-    p.add_argument("--output", help="Metrics JSON to write.")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
-    _add_backend(p)
+    g = p.add_argument_group("fusion")
+    g.add_argument("--fuse", help="A second system fused with --model (e.g. bm25; see --fusion).")
+    g.add_argument("--fusion", default="rrf", help=FUSION_HELP.format(order="--model, --fuse",
+                                                                      auto="--dev-split of --dataset"))
+    g.add_argument("--dev-split", help="With --fusion auto: the split of --dataset the fusion is chosen on (e.g. "
+                                       "dev); it is then applied unchanged to --split.")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", help="Metrics JSON to write.")
+    g.add_argument("--save-run", help="Also write the system's TREC run here.")
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("demo", help="The main job: test the paper's claim end to end on the embedded defaults.")
+    p = _command(sub, "demo", "The main job: test the paper's claim end to end on the bundled defaults.",
+                 "Run the pipeline on the bundled SmolLM2 and data sets: adapt, fine-tune the adapted and the "
+                 "unadapted model alike, evaluate both on BBC and Lee test, and write report.json, report.md "
+                 "and charts. Finished stages in the output folder are reused.",
+                 "llama2vec demo --preset quick",
+                 "llama2vec demo --preset full --output runs/demo-full")
     p.add_argument("--preset", choices=["quick", "full", "paper"], default="quick",
                    help="quick: under 15 minutes on a 2-core CPU; full: under 2 hours; paper: the whole protocol, "
                         "for a GPU.")
-    p.add_argument("--output", default="runs/demo", help="Output folder (finished stages there are reused).")
-    p.add_argument("--force", action="store_true", help="Delete the output folder first and redo every stage.")
-    p.add_argument("--model", default=None,
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
                    help="Run the demo on this causal LM (hub id or folder) instead of the bundled SmolLM2.")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16-mixed"], default=None,
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16-mixed"], default=None,
                    help="Training precision (default auto: bf16-mixed where bfloat16 products are fast, a GPU or "
                         "a CPU with bfloat16 instructions such as AVX-512 BF16; fp32 elsewhere). On a CPU, the "
                         "environment variable LLAMA2VEC_CPU_BF16=1 or 0 forces what auto takes for both choices.")
-    p.add_argument("--backend", choices=["auto", "torch", "torch-bfloat16"], default=None,
+    g.add_argument("--backend", choices=["auto", "torch", "torch-bfloat16"], default=None,
                    help="How the SmolLM2 systems encode (default auto: torch-bfloat16 where bfloat16 products are "
                         "fast, torch elsewhere).")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default="runs/demo", help="Output folder (finished stages there are reused).")
+    g.add_argument("--force", action="store_true", help="Delete the output folder first and redo every stage.")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("plot", help="Plot the loss curves of a training run folder as a PNG.")
+    p = _command(sub, "plot", "Plot the loss curves of a training run folder as a PNG.",
+                 "Draw the losses that adapt or finetune logged in a run folder's log.jsonl as a PNG chart.",
+                 "llama2vec plot runs/adapted --output runs/adapted/losses.png")
     p.add_argument("run", help="A folder written by adapt or finetune (holds log.jsonl).")
-    p.add_argument("--output", required=True, help="PNG file to write.")
-    p.add_argument("--title", default=None, help="Chart title.")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", required=True, help="PNG file to write.")
+    g.add_argument("--title", default=None, help="Chart title.")
     p.set_defaults(func=_plot)
 
-    p = sub.add_parser("export", help="Export a model for another library (sentence-transformers).")
-    p.add_argument("--model", required=True, help="llama2vec model folder, causal LM, or 'smollm2'.")
-    p.add_argument("--format", choices=["sentence-transformers"], default="sentence-transformers",
+    p = _command(sub, "export", "Export a model for another library (sentence-transformers).",
+                 "Write a model as a folder that another library opens without llama2vec installed and that "
+                 "gives the same embeddings.",
+                 "llama2vec export --model runs/ft --format sentence-transformers --output runs/ft-st")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="llama2vec model folder, causal LM, or 'smollm2'.")
+    g.add_argument("--device", default="cpu", help="Device the model is loaded on to be saved (float32).")
+    g = p.add_argument_group("output")
+    g.add_argument("--format", choices=["sentence-transformers"], default="sentence-transformers",
                    help="sentence-transformers: a folder that SentenceTransformer(..., trust_remote_code=True) "
                         "opens without llama2vec; encode_query / encode_document give llama2vec's embeddings.")
-    p.add_argument("--output", required=True, help="Folder to write (an earlier export there is replaced).")
-    p.add_argument("--device", default="cpu", help="Device the model is loaded on to be saved (float32).")
+    g.add_argument("--output", required=True, help="Folder to write (an earlier export there is replaced).")
     p.set_defaults(func=_export)
     return parser
 
