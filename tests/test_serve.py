@@ -29,7 +29,7 @@ from conftest import SENTENCES, write_tiny_model  # noqa: E402
 from llama2vec.cli import main  # noqa: E402
 from llama2vec.encoder import Llama2Vec  # noqa: E402
 from llama2vec.formats import read_run, write_jsonl_rows  # noqa: E402
-from llama2vec.serve import MAX_INPUTS, MAX_K, Searcher, Settings, create_app, listen  # noqa: E402
+from llama2vec.serve import MAX_INPUTS, MAX_K, Searcher, Settings, create_app, listen, server_config  # noqa: E402
 
 KEY = "secret-key"
 TEXTS = SENTENCES + ["short", "A much longer text about retrieval: " + " ".join(SENTENCES[:3])]
@@ -53,7 +53,7 @@ def running(app):
     import uvicorn
 
     sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
+    server = uvicorn.Server(server_config(app))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -130,6 +130,23 @@ def test_accepted_connections_send_without_delay():
                 assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         sock.close()
+
+
+def test_an_idle_connection_outlives_the_clients_keep_alive(server):
+    """A connection idle for longer than a client keeps one (httpx, OpenAI's client: 5 s) is still open: the client
+    closes it, so a request never races the server's close (a reset connection under load)."""
+    host, port = server.removeprefix("http://").split(":")
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        for _ in range(2):
+            conn.sendall(request)
+            answer = b""
+            while b'"status"' not in answer:
+                chunk = conn.recv(4096)
+                assert chunk, "the server closed the connection"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200")
+            time.sleep(6)
 
 
 def test_float_and_base64_embeddings_equal_llama2vec(server, ref, model_dir):

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MAX_INPUTS = 2048  # inputs of one request, as OpenAI's API
 MAX_K = 1000  # results per search query
+INLINE_CHARS = 4096  # inputs up to this many characters are tokenised on the event loop, longer ones in a thread
 # A batch takes the queued requests of up to this many full forwards: sorted by length together, texts of like
 # length share a forward (less padding), and a search batch is larger (measured: bench/serve_load.py --search).
 GATHER_FORWARDS = 4
@@ -787,7 +788,10 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
 
     async def embed(items: list[str | list[int]], kind: str, k: int = 0, where: str | None = None) -> tuple[Any, int]:
         batcher.admit(len(items))  # refused before the work of tokenising
-        rows, task = await run_in_threadpool(tokenize, items, kind)
+        if sum(len(t) for t in items if isinstance(t, str)) <= INLINE_CHARS:  # cheaper than a thread's hand-over
+            rows, task = tokenize(items, kind)
+        else:
+            rows, task = await run_in_threadpool(tokenize, items, kind)
         emb = await batcher.encode(rows, task, k, where)
         metrics.texts.labels("query" if kind == "query" else "document").inc(len(rows))  # as the API names them
         return emb, sum(len(r) for r in rows)
@@ -826,7 +830,10 @@ def create_app(encoder, settings: Settings, searcher: Searcher | None = None):
         if where:
             await run_in_threadpool(searcher.check_where, where)
         (_, scores, found), tokens = await embed(queries, "query", body.k, where)
-        hits = await run_in_threadpool(searcher.hits, scores, found, body.return_text, settings.max_response_bytes)
+        if body.return_text or getattr(searcher, "store", False):  # reads files or the table
+            hits = await run_in_threadpool(searcher.hits, scores, found, body.return_text, settings.max_response_bytes)
+        else:
+            hits = searcher.hits(scores, found, False, settings.max_response_bytes)
         data = [{"object": "search_result", "index": i, "query": q, "results": h}
                 for i, (q, h) in enumerate(zip(queries, hits))]
         return JSONResponse({"object": "list", "data": data, "model": settings.name,
@@ -875,12 +882,25 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+KEEP_ALIVE_SECONDS = 75
+
+
+def server_config(app, drain_seconds: float = 60.0):
+    """uvicorn's configuration of the server. An idle connection is kept longer than clients keep theirs (httpx and
+    OpenAI's client: 5 s), so that the client, not the server, closes it: otherwise a request sent as the server
+    closes the connection fails with a reset."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=drain_seconds, access_log=False,
+                          timeout_keep_alive=KEEP_ALIVE_SECONDS)
+
+
 def run(app, sock: socket.socket, drain_seconds: float = 60.0) -> None:
     """Serve on `sock` until SIGINT or SIGTERM; after SIGTERM the requests in flight finish (up to
     `drain_seconds`) and this returns."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=drain_seconds, access_log=False)
+    config = server_config(app, drain_seconds)
     server = uvicorn.Server(config)
     if threading.current_thread() is not threading.main_thread():
         server.run(sockets=[sock])
