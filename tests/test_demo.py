@@ -64,6 +64,8 @@ def test_demo_end_to_end_then_cached(tiny_model_dir, tmp_path, monkeypatch, caps
     assert store["passages"] == 18
     assert all(store["dense"][m] == system[m] for m in ("ndcg@10", "mrr@10", "recall@100"))
     assert store["full-text"]["ndcg@10"] > 0.5 and 0 < store["hybrid"]["ndcg@10"] <= 1
+    hybrid = saved["systems"]["hybrid"]  # the store's dense run beside bm25s's: the demo's own hybrid
+    assert all(store["hybrid with bm25s"][m] == hybrid[m] for m in ("ndcg@10", "mrr@10", "recall@100"))
     assert "searched through a LanceDB store" in (out / "report.md").read_text()
     dev = read_beir(out / "data" / "dev", "test")
     dev_runs = [read_run(out / "eval" / "dev" / f"{n}.trec") for n in ("bm25", "smollm2-adapted-finetuned")]
