@@ -156,6 +156,14 @@ def test_an_ivf_pq_store_has_the_lists_and_codes_of_faiss(corpus, tmp_path):
         assert ours >= folder_recall - 0.02
     _, hits = search_store(store, corpus["vectors"][:200], 1, nprobes=4)
     assert np.mean([h[0] == f"d{i}" for i, h in enumerate(hits)]) >= 0.9  # a passage's own vector finds it
+    # Vectors of other lengths would be ranked by L2, not by inner product: refused, the table left as it was.
+    longer = tmp_path / "longer"
+    save_embeddings(longer, ["d0", "d1"], 2.0 * corpus["vectors"][:2])
+    from llama2vec.lance_store import update_store
+
+    with pytest.raises(Llama2VecError, match="not of unit length"):
+        update_store(store, add=longer, dataset=corpus["data"])
+    assert open_table(store)[0].count_rows() == 3000
 
 
 def test_float16_vectors_and_bad_inputs(corpus, tmp_path):

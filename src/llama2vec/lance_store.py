@@ -219,6 +219,12 @@ def update_store(folder: str | Path, add: str | Path | None = None, dataset: str
         if passages.emb.dim != meta["dim"]:
             raise Llama2VecError(f"{add}: {passages.emb.dim}-dimension embeddings; the store {folder} holds "
                                  f"{meta['dim']}-dimension ones")
+        if meta.get("metric") == "l2":  # its IVF-PQ ranks by squared L2, the inner product's ranking on unit vectors
+            sample = passages.emb.sample(4096)
+            if np.abs(np.linalg.norm(sample, axis=1) - 1.0).max() >= 1e-3:
+                raise Llama2VecError(f"{add}: vectors that are not of unit length; the store {folder} indexes unit "
+                                     f"vectors for squared L2 (its IVF-PQ), which ranks others otherwise than "
+                                     f"the inner product")
         ours, theirs = (meta.get("embeddings") or {}).get("model"), (passages.fingerprint or {}).get("model")
         if ours and theirs and ours != theirs:
             raise Llama2VecError(f"{add}: embeddings of the model {theirs}; the store {folder} holds those of {ours}: "
