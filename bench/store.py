@@ -52,21 +52,16 @@ def disk_mb(folder: Path) -> float:
 def exact_top(folder: Path, queries: np.ndarray, k: int) -> list[list[str]]:
     """The exact top k (inner product) of each query over an embeddings folder, shard by shard."""
     from llama2vec.embeddings import Embeddings
+    from llama2vec.index import build_index, merge_topk, search_index
 
     emb = Embeddings(folder)
     ids = (folder / "ids.txt").read_text().splitlines()
-    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_i = np.zeros((len(queries), k), dtype=np.int64)
-    first = 0
+    best, first = [], 0
     for s, size in enumerate(emb.sizes()):
-        scores = queries @ np.asarray(emb.shard(s), dtype=np.float32).T
-        top = np.argpartition(-scores, k, axis=1)[:, :k]
-        s_all = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
-        i_all = np.concatenate([best_i, top + first], axis=1)
-        keep = np.argsort(-s_all, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(s_all, keep, 1), np.take_along_axis(i_all, keep, 1)
+        scores, found = search_index(build_index(np.asarray(emb.shard(s), dtype=np.float32)), queries, k)
+        best = [merge_topk([*best, (scores, found + first)], k)]
         first += size
-    return [[ids[j] for j in row] for row in best_i]
+    return [[ids[j] for j in row] for row in best[0][1]]
 
 
 def recall(run: dict, qids: list[str], exact: list[list[str]], k: int = 10) -> float:

@@ -406,8 +406,6 @@ def _arrange_config_sections(p: argparse.ArgumentParser) -> None:
     """Retitle, regroup and order the help sections of the config flags (parsing is not affected)."""
     for group in p._action_groups:
         group.title = CONFIG_TITLES.get(group.title, group.title)
-        for action in group._group_actions:  # add_flags writes "(default: None)" for options unset by default
-            action.help = (action.help or "").removesuffix(" (default: None)")
     for title, flags in CONFIG_MOVES.items():
         target = next((g for g in p._action_groups if g.title == title), None) or p.add_argument_group(title)
         for action in [p._option_string_actions[f] for f in flags if f in p._option_string_actions]:

@@ -212,7 +212,7 @@ def add_flags(parser: argparse.ArgumentParser, *classes: type, aliases: dict[str
             tp = _base_type(hints[f.name])
             names = [f"--{f.name.replace('_', '-')}", *aliases.get(f.name, [])]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            help_text = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")
             if tp is bool:
                 group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_text)

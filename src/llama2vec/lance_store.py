@@ -220,8 +220,7 @@ def update_store(folder: str | Path, add: str | Path | None = None, dataset: str
             raise Llama2VecError(f"{add}: {passages.emb.dim}-dimension embeddings; the store {folder} holds "
                                  f"{meta['dim']}-dimension ones")
         if meta.get("metric") == "l2":  # its IVF-PQ ranks by squared L2, the inner product's ranking on unit vectors
-            sample = passages.emb.sample(4096)
-            if np.abs(np.linalg.norm(sample, axis=1) - 1.0).max() >= 1e-3:
+            if not _unit(passages.emb.sample(4096)):
                 raise Llama2VecError(f"{add}: vectors that are not of unit length; the store {folder} indexes unit "
                                      f"vectors for squared L2 (its IVF-PQ), which ranks others otherwise than "
                                      f"the inner product")
@@ -274,6 +273,11 @@ def ivf_pq_shape(count: int, dim: int, partitions: int | None, sub_vectors: int 
     return partitions, sub_vectors
 
 
+def _unit(vectors: np.ndarray) -> bool:
+    """Whether every row is of unit length (to 1e-3)."""
+    return bool(np.abs(np.linalg.norm(vectors, axis=1) - 1.0).max() < 1e-3)
+
+
 def train_ivf_pq(emb, partitions: int, sub_vectors: int, train_size: int, seed: int = 0):
     """(IVF centroids, PQ codebook (sub_vectors, 256, dim / sub_vectors), LanceDB metric) trained by FAISS on the
     seeded sample that a FAISS folder trains on (`Embeddings.sample`), so that the store's lists and codes are
@@ -283,7 +287,7 @@ def train_ivf_pq(emb, partitions: int, sub_vectors: int, train_size: int, seed: 
     import faiss
 
     sample = emb.sample(train_size, seed)
-    unit = bool(np.abs(np.linalg.norm(sample, axis=1) - 1.0).max() < 1e-3)
+    unit = _unit(sample)
     index = faiss.index_factory(sample.shape[1], f"IVF{partitions},PQ{sub_vectors}",
                                 faiss.METRIC_L2 if unit else faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
@@ -342,17 +346,18 @@ def store_nprobes(params: str | None) -> int | None:
 
 
 def search_store(folder: str | Path, queries: np.ndarray, k: int, where: str | None = None,
-                 nprobes: int | None = None, batch: int = 256, table=None) -> tuple[np.ndarray, list[list[str]]]:
-    """(scores (Q, k) as inner products, -inf where fewer hits, the hits' ids) of a store, best first (`table`:
-    the store's table already open, its filter already checked)."""
+                 nprobes: int | None = None, batch: int = 256,
+                 opened: tuple | None = None) -> tuple[np.ndarray, list[list[str]]]:
+    """(scores (Q, k) as inner products, -inf where fewer hits, the hits' ids) of a store, best first (`opened`:
+    the store's table and meta as `open_table` gives them, its filter already checked)."""
     if k < 1:
         raise Llama2VecError(f"k must be at least 1, got {k}")
-    if table is None:
+    if opened is None:
         table, meta = open_table(folder)
         if where:
             check_where(table, where, folder)
     else:
-        meta = json.loads((Path(folder) / "meta.json").read_text())
+        table, meta = opened
     dtype = np.float16 if meta.get("vector_dtype") == "float16" else np.float32
     metric = meta.get("metric", "dot")
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)

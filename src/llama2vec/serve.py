@@ -491,9 +491,9 @@ class StoreSearcher:
         from .lance_store import open_table
 
         self.folder, self.refresh_seconds, self.nprobes = Path(folder), refresh_seconds, nprobes
-        self.table, meta = open_table(folder)
-        if meta["dim"] != dim:
-            raise Llama2VecError(f"{folder}: a store of {meta['dim']}-dimension vectors; the model gives {dim}")
+        self.table, self.meta = open_table(folder)
+        if self.meta["dim"] != dim:
+            raise Llama2VecError(f"{folder}: a store of {self.meta['dim']}-dimension vectors; the model gives {dim}")
         self.checked = time.monotonic()
         self.lock = threading.Lock()
 
@@ -516,7 +516,7 @@ class StoreSearcher:
         from .lance_store import search_store
 
         self.refresh()
-        scores, hits = search_store(self.folder, queries, k, where, self.nprobes, table=self.table)
+        scores, hits = search_store(self.folder, queries, k, where, self.nprobes, opened=(self.table, self.meta))
         found = np.full((len(queries), k), "", dtype=object)
         for row, ids in zip(found, hits):
             row[: len(ids)] = ids
